@@ -1,0 +1,122 @@
+"""Executed FLOPs of the decoder blocks, measured with FlopCounterMode, and the analytic formula it is
+checked against (methods.md §5). Compute sparsity c = 1 - F_exec / F_dense on the same input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+_REGISTERED = False
+
+
+def register_cpu_sdpa_flops() -> None:
+    """torch's counter knows the CUDA SDPA kernels but not the CPU flash kernel; count it the same way."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    from torch.utils.flop_counter import flop_registry
+
+    if op not in flop_registry and op.default not in flop_registry:
+        @register_flop_formula(op, get_raw=False)
+        def _cpu_flash_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    _REGISTERED = True
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    total: int  # everything executed in the forward
+    lm_head: int  # excluded from the decoder count
+    decoder: int  # total - lm_head: decoder blocks, plus any router/predictor a method runs
+
+    @property
+    def as_dict(self) -> dict[str, int]:
+        return {"total": self.total, "lm_head": self.lm_head, "decoder": self.decoder}
+
+
+def count_flops(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> FlopReport:
+    """Runs one forward under FlopCounterMode and splits off the LM head (embeddings cost no FLOPs)."""
+    register_cpu_sdpa_flops()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    per_module = counter.get_flop_counts()
+    total = int(sum(per_module.get("Global", {}).values()))
+    lm_head = sum(int(sum(ops.values())) for name, ops in per_module.items() if name.endswith(".lm_head"))
+    return FlopReport(total=total, lm_head=lm_head, decoder=total - lm_head)
+
+
+# --- analytic formula -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerFlopCoefficients:
+    """F(n, m) = a·n + b·n·m + g·n for one decoder layer with n query and m key tokens.
+
+    a: Q, K, V, O projections; b: QKᵀ and AV (counted full n×m, as the SDPA formula does); g: gated MLP.
+    """
+
+    a: int
+    b: int
+    g: int
+
+    @classmethod
+    def from_config(cls, config) -> LayerFlopCoefficients:
+        d = config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+        q_dim = config.num_attention_heads * head_dim
+        kv_dim = config.num_key_value_heads * head_dim
+        a = 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d
+        b = 2 * 2 * q_dim
+        g = 2 * 3 * d * config.intermediate_size
+        return cls(a=a, b=b, g=g)
+
+    def attention(self, n: int, m: int | None = None) -> int:
+        """The MHA sub-block: projections plus score/value products."""
+        m = n if m is None else m
+        return self.a * n + self.b * n * m
+
+    def mlp(self, n: int) -> int:
+        return self.g * n
+
+    def layer(self, n: int, m: int | None = None) -> int:
+        return self.attention(n, m) + self.mlp(n)
+
+
+def analytic_decoder_flops(config, seq_len: int, batch: int = 1, num_layers: int | None = None) -> int:
+    """Dense decoder FLOPs of a full forward over `seq_len` tokens."""
+    coeff = LayerFlopCoefficients.from_config(config)
+    layers = config.num_hidden_layers if num_layers is None else num_layers
+    return batch * layers * coeff.layer(seq_len)
+
+
+def ptflops_decoder_flops(model, input_ids: torch.Tensor) -> int:
+    """Independent cross-check with ptflops' aten backend (MACs × 2), LM head subtracted analytically.
+
+    ptflops knows mm/bmm/addmm but no attention kernel, so the CPU/CUDA SDPA ops are given to it as custom
+    MAC formulas (two batched matmuls each)."""
+    from ptflops import get_model_complexity_info
+
+    def sdpa_macs(inputs, outputs) -> int:
+        return sdpa_flop_count(inputs[0].shape, inputs[1].shape, inputs[2].shape) // 2
+
+    aten = torch.ops.aten
+    hooks = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa_macs,
+             aten._scaled_dot_product_flash_attention: sdpa_macs,
+             aten._scaled_dot_product_efficient_attention: sdpa_macs,
+             aten._scaled_dot_product_cudnn_attention: sdpa_macs}
+    # ptflops' dispatch mode sees nothing under inference_mode; no_grad is enough.
+    with torch.no_grad():
+        macs, _params = get_model_complexity_info(
+            model, (input_ids.shape[1],), input_constructor=lambda _res: {"input_ids": input_ids, "use_cache": False},
+            as_strings=False, print_per_layer_stat=False, backend="aten", custom_modules_hooks=hooks)
+    if macs is None:
+        raise RuntimeError("ptflops failed to count this model")
+    n = input_ids.numel()
+    lm_head_flops = 2 * n * model.config.hidden_size * model.config.vocab_size
+    return int(2 * macs) - lm_head_flops
+
+
+def compute_sparsity(pruned: FlopReport, dense: FlopReport) -> float:
+    return 1.0 - pruned.decoder / dense.decoder

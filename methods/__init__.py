@@ -1,0 +1,56 @@
+"""Registry of pruning methods. Entries are lazy "module:Class" placeholders (plus default field values for
+named variants) so that importing the CLI stays fast and a broken method cannot break the others."""
+
+from __future__ import annotations
+
+import importlib
+from difflib import get_close_matches
+
+from methods.base import CalibrationSet, Method, MethodConfigError
+
+# name -> (import target, default field overrides). Variants are the same class with other defaults.
+_REGISTRY: dict[str, tuple[str, dict]] = {
+    "dense": ("methods.dense:Dense", {}),
+    "random": ("methods.random_layers:RandomLayers", {}),
+    "shortgpt": ("methods.shortgpt:ShortGPT", {}),
+}
+
+
+def register(name: str, target: str, **defaults) -> None:
+    """Register a method (or a variant of one) by a lazy "module:Class" target."""
+    _REGISTRY[name] = (target, defaults)
+
+
+def available_methods() -> list[str]:
+    return list(_REGISTRY)
+
+
+def _unknown(name: str) -> MethodConfigError:
+    close = get_close_matches(name, list(_REGISTRY), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return MethodConfigError(f"unknown method {name!r}{hint} Available: {', '.join(_REGISTRY)}")
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    module, _, attr = _REGISTRY[name][0].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_method(name: str, **fields) -> Method:
+    """Instantiate a registered method; `fields` override the variant's defaults."""
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    cls = method_class(name)
+    kwargs = {**_REGISTRY[name][1], **fields}
+    try:
+        method = cls(**kwargs)
+    except TypeError as exc:
+        raise MethodConfigError(f"{name}: {exc}") from exc
+    method.registry_name = name
+    return method
+
+
+__all__ = ["CalibrationSet", "Method", "MethodConfigError", "available_methods", "make_method", "method_class",
+           "register"]
