@@ -13,6 +13,7 @@ _REGISTRY: dict[str, tuple[str, dict]] = {
     "dense": ("methods.dense:Dense", {}),
     "random": ("methods.random_layers:RandomLayers", {}),
     "shortgpt": ("methods.shortgpt:ShortGPT", {}),
+    "sdtp": ("methods.sdtp:SDTP", {}),
 }
 
 

@@ -1,0 +1,140 @@
+"""Calibration artifacts (layer indices, deletion orders, router/predictor weights), cached by a content hash
+of (model, method, its calibration fields, calibration data, code version). JSON for values, safetensors for
+tensors; never pickled models.
+
+Lookup order: the user cache ($BENCH_CACHE/artifacts), then the artifacts committed in methods/artifacts
+(for the default model and default sparsities, so a first run needs no training)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.calibration import SOURCES, load_calibration
+from bench.datafiles import manifest
+from bench.errors import BenchError
+from bench.paths import cache_dir
+from methods.base import Method
+
+COMMITTED_DIR = Path(__file__).resolve().parent.parent / "methods" / "artifacts"
+_TENSORS = "tensors.safetensors"
+_META = "artifact.json"
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    n_samples: int
+    seq_len: int
+    source: str
+    seed: int
+
+    @classmethod
+    def for_method(cls, method: Method, seed: int) -> CalibrationSettings:
+        defaults = {"n_samples": 64, "seq_len": 512, "source": "c4", **getattr(method, "default_calibration", {})}
+        return cls(n_samples=int(defaults["n_samples"]), seq_len=int(defaults["seq_len"]),
+                   source=str(defaults["source"]), seed=seed)
+
+    def data_sha256(self) -> list[str]:
+        return [manifest()[name]["sha256"] for name in SOURCES[self.source]]
+
+
+def artifact_key(model_id: str, method: Method, settings: CalibrationSettings) -> dict[str, Any]:
+    return {
+        "model": model_id,
+        "method": type(method).__name__,
+        "version": type(method).version,
+        "fields": method.calibration_config(),
+        "calibration": {**settings.__dict__, "data_sha256": settings.data_sha256()},
+    }
+
+
+def key_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _entry_name(method: Method, digest: str) -> str:
+    return f"{type(method).name}-{digest}"
+
+
+def _content_sha256(values: dict[str, Any], tensor_file: Path | None) -> str:
+    h = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
+    if tensor_file is not None and tensor_file.is_file():
+        h.update(tensor_file.read_bytes())
+    return h.hexdigest()
+
+
+def save_artifact(directory: Path, key: dict[str, Any], artifact: dict[str, Any], seconds: float) -> None:
+    """Written to a temporary folder, then renamed: a crash never leaves a half-written entry."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in artifact.items() if isinstance(v, torch.Tensor)}
+    values = {k: v for k, v in artifact.items() if not isinstance(v, torch.Tensor)}
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensor_file = tmp / _TENSORS if tensors else None
+    if tensors:
+        save_file(tensors, str(tensor_file))
+    meta = {"key": key, "values": values, "tensors": sorted(tensors), "calibration_seconds": round(seconds, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "content_sha256": _content_sha256(values, tensor_file)}
+    (tmp / _META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def load_artifact_dir(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(artifact, meta); a corrupt entry raises BenchError with the fix."""
+    fix = f"delete {directory} or rerun with --force to recompute it"
+    try:
+        meta = json.loads((directory / _META).read_text())
+        tensor_file = directory / _TENSORS
+        tensors = load_file(str(tensor_file)) if meta["tensors"] else {}
+        if _content_sha256(meta["values"], tensor_file if meta["tensors"] else None) != meta["content_sha256"]:
+            raise BenchError(f"calibration artifact {directory} is corrupt (content hash mismatch); {fix}")
+        if sorted(tensors) != meta["tensors"]:
+            raise BenchError(f"calibration artifact {directory} is corrupt (tensors missing); {fix}")
+    except BenchError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BenchError(f"calibration artifact {directory} is corrupt ({type(exc).__name__}: {exc}); {fix}") from exc
+    return {**meta["values"], **tensors}, meta
+
+
+def find_artifact(name: str) -> Path | None:
+    for root in (cache_dir() / "artifacts", COMMITTED_DIR):
+        if (root / name / _META).is_file():
+            return root / name
+    return None
+
+
+def ensure_calibrated(method: Method, model, tokenizer, model_id: str, seed: int = 0,
+                      force: bool = False, save_to: Path | None = None) -> dict[str, Any]:
+    """Load the method's artifact from a cache, or calibrate and cache it. Returns its meta (incl. key hash)."""
+    if not method.needs_calibration:
+        return {"key_hash": None, "cached": None}
+    settings = CalibrationSettings.for_method(method, seed)
+    key = artifact_key(model_id, method, settings)
+    digest = key_hash(key)
+    name = _entry_name(method, digest)
+    found = None if force else find_artifact(name)
+    if found is not None:
+        artifact, meta = load_artifact_dir(found)
+        method.load_artifact(artifact)
+        return {"key_hash": digest, "cached": str(found), "calibration_seconds": meta.get("calibration_seconds")}
+    calibration = load_calibration(tokenizer, settings.n_samples, settings.seq_len, settings.seed, settings.source)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    artifact = method.calibrate(model, tokenizer, calibration)
+    seconds = time.perf_counter() - start
+    target = (save_to or cache_dir() / "artifacts") / name
+    save_artifact(target, key, artifact, seconds)
+    method.load_artifact(load_artifact_dir(target)[0])  # what later runs will load, bit for bit
+    return {"key_hash": digest, "cached": None, "path": str(target), "calibration_seconds": round(seconds, 2)}

@@ -1,0 +1,214 @@
+"""`python -m bench {run,report,table,calibrate,list,gate}`. User errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from bench.errors import BenchError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.25,0.4, got {text!r}") from exc
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _limit(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--limit takes a positive integer or 'none', got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--limit must be >= 1 (or 'none'), got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from bench.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, local directory or HF id (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, recorded)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench.runner import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_PPL_WINDOWS
+
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Compare LLM pruning methods at "
+                                     "matched compute sparsity: accuracy retention, perplexity, FLOPs, latency.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the study (dense is always included as the reference)")
+    _add_model_args(p)
+    p.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS),
+                   help=f"comma-separated (default {','.join(DEFAULT_METHODS)}; see `list`)")
+    p.add_argument("--sparsity", type=_floats, default=[0.25], help="target compute sparsities, e.g. 0.25,0.4")
+    p.add_argument("--tasks", type=_names, default=None, help="comma-separated (default: all eight)")
+    p.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT,
+                   help=f"items per task, or 'none' for all (default {DEFAULT_LIMIT}, sized for a 2-core CPU)")
+    p.add_argument("--ppl-windows", type=_limit, default=DEFAULT_PPL_WINDOWS,
+                   help=f"WikiText-2 windows (default {DEFAULT_PPL_WINDOWS}; 'none' = whole test set)")
+    p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--results", default="results", help="results store directory (default results/)")
+    p.add_argument("--force", action="store_true", help="recompute cells that are already complete")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("report", help="figures + Markdown report, regenerated from the results store only")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", default="reports")
+
+    p = sub.add_parser("table", help="the tidy rows to stdout")
+    p.add_argument("--results", default="results")
+    p.add_argument("--format", choices=["csv", "markdown"], default="csv")
+
+    p = sub.add_parser("calibrate", help="run or load a method's calibration and print its artifact")
+    _add_model_args(p)
+    p.add_argument("--method", required=True)
+    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--force", action="store_true", help="recalibrate even if a cached artifact exists")
+    p.add_argument("--json", action="store_true", help="print the artifact as JSON (tensors summarised)")
+
+    sub.add_parser("list", help="methods, tasks and models")
+
+    p = sub.add_parser("gate", help="regression gate against the committed baseline")
+    p.add_argument("--config", default=None, help="gate config TOML (default bench/gate.toml)")
+    p.add_argument("--baseline", default=None, help="baseline JSON (default results/baseline/gate.json)")
+    p.add_argument("--results", default=None, help="store for the gate's cells (default: a cache directory)")
+    p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline and print the diff")
+    return parser
+
+
+def cmd_run(args) -> int:
+    from bench.runner import RunConfig, Runner
+    from bench.store import Store
+    from bench.summary import format_summary, summarize
+
+    config = RunConfig(model=args.model, methods=args.methods, sparsities=args.sparsity, tasks=args.tasks,
+                       limit=args.limit, device=args.device, dtype=args.dtype, seed=args.seed,
+                       results=args.results, force=args.force, batch_size=args.batch_size,
+                       ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len,
+                       latency_repeats=args.latency_repeats, threads=args.threads, progress=not args.no_progress)
+    runner = Runner(config)
+    limit = "all" if config.limit is None else config.limit
+    print(f"[bench] model={config.model} methods={','.join(m.registry_name for m in runner.plan[:1])}+"
+          f"{','.join(sorted({m.registry_name for m in runner.plan[1:]}))} sparsity={config.sparsities} "
+          f"tasks={','.join(runner.tasks)} limit={limit} items/task, ppl windows={config.ppl_windows}", flush=True)
+    start = time.perf_counter()
+    runner.run()
+    store = Store(config.results)
+    rows = store.load_rows()
+    rows = rows[rows["cell"].isin(runner.run_cells)]
+    print()
+    print(format_summary(summarize(rows, store)))
+    print(f"\n[bench] {len(runner.cells_written)} cells computed, {len(runner.cells_skipped)} already complete "
+          f"(resume), results in {config.results}/")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in runner.clock.seconds.items())
+    print(f"[bench] wall time {time.perf_counter() - start:.0f}s: {stages}; threads={runner._common()['threads']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from bench.report import write_report
+
+    paths = write_report(args.results, args.out)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_table(args) -> int:
+    from bench.store import Store
+
+    rows = Store(args.results).load_rows()
+    if args.format == "csv":
+        rows.to_csv(sys.stdout, index=False)
+    else:
+        from bench.report import markdown_table
+
+        print(markdown_table(rows))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from bench.artifacts import ensure_calibrated
+    from bench.models import load_model
+    from methods import make_method
+
+    method = make_method(args.method, sparsity=args.sparsity, seed=args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    info = ensure_calibrated(method, model, tokenizer, args.model, seed=args.seed, force=args.force)
+    with method.apply(model):
+        stats = method.stats()
+    artifact = {k: ({"tensor": list(v.shape), "dtype": str(v.dtype)} if isinstance(v, torch.Tensor) else v)
+                for k, v in (method._artifact or {}).items()}
+    payload = {"method": args.method, "config": method.config(), "cache": info, "artifact": artifact,
+               "stats": stats}
+    if args.json:
+        print(json.dumps(payload, indent=1, default=str))
+    else:
+        print(f"{args.method}: cache={info}")
+        for key, value in stats.items():
+            print(f"  {key}: {value}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from bench.models import MODELS
+    from bench.tasks import TASKS
+    from methods import available_methods, method_class
+
+    print("methods:")
+    for name in available_methods():
+        doc = (method_class(name).__doc__ or "").strip().splitlines()
+        print(f"  {name:16s} {doc[0] if doc else ''}")
+    print("tasks:")
+    for name, info in TASKS.items():
+        print(f"  {name:16s} {info.n_items} items, metrics {', '.join(info.metrics)} (primary {info.primary_metric})")
+    print("models:")
+    for name, spec in MODELS.items():
+        print(f"  {name:16s} {spec.description}")
+    print("  (or any local model directory / Hugging Face id)")
+    return 0
+
+
+def cmd_gate(args) -> int:
+    from bench.gate import run_gate
+
+    return run_gate(config_path=args.config, baseline_path=args.baseline, results=args.results,
+                    update=args.update_baseline)
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "table": cmd_table, "calibrate": cmd_calibrate,
+            "list": cmd_list, "gate": cmd_gate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from methods.base import MethodConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (BenchError, MethodConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; complete cells are saved, rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,160 @@
+"""Figures and a Markdown report, regenerated only from the results store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench.store import Store  # noqa: E402
+from bench.summary import accuracy_rows, format_summary, summarize  # noqa: E402
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "-" if not np.isfinite(v) else floatfmt.format(v)
+        return "-" if v is None or v is pd.NA else str(v)
+
+    head = "| " + " | ".join(frame.columns) + " |"
+    sep = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+def _label(method: str, target: float) -> str:
+    return "dense" if method == "dense" else f"{method}@{target:g}"
+
+
+def fig_retention(summary: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, g in summary[summary["method"] != "dense"].groupby("method"):
+        x = g["sparsity@512"].fillna(g["target"])
+        err = np.vstack([g["retention"] - g["ret_lo"], g["ret_hi"] - g["retention"]])
+        ax.errorbar(x, g["retention"] * 100, yerr=err * 100, marker="o", capsize=3, label=method)
+    ax.axhline(100, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("measured compute sparsity (512-token probe)")
+    ax.set_ylabel("accuracy retention vs dense (%)")
+    ax.set_title("Accuracy retention (paired bootstrap 95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fig_task_accuracy(rows: pd.DataFrame, path: Path) -> None:
+    acc = accuracy_rows(rows).copy()
+    acc["label"] = [_label(m, t) for m, t in zip(acc["method"], acc["target_sparsity"], strict=True)]
+    table = acc.pivot_table(index="task", columns="label", values="value", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(table)), 4.2))
+    width = 0.8 / max(len(table.columns), 1)
+    for i, label in enumerate(table.columns):
+        ax.bar(np.arange(len(table)) + i * width, table[label] * 100, width, label=label)
+    ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table.index, rotation=20)
+    ax.set_ylabel("accuracy (%; acc_norm where defined)")
+    ax.set_title("Per-task accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fig_perplexity(summary: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dense = summary[summary["method"] == "dense"]["ppl"]
+    if len(dense):
+        ax.axhline(dense.iloc[0], color="grey", ls="--", lw=0.8, label="dense")
+    for method, g in summary[summary["method"] != "dense"].groupby("method"):
+        ax.plot(g["sparsity@512"].fillna(g["target"]), g["ppl"], marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("measured compute sparsity (512-token probe)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title("Perplexity vs sparsity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    g = summary.dropna(subset=["flops_ratio", "prefill_speedup"])
+    for _, r in g.iterrows():
+        ax.scatter(1 / r["flops_ratio"], r["prefill_speedup"])
+        ax.annotate(_label(r["method"], r["target"]), (1 / r["flops_ratio"], r["prefill_speedup"]), fontsize=7)
+    lim = max([1.5, *(1 / g["flops_ratio"]).tolist(), *g["prefill_speedup"].tolist()]) * 1.05
+    ax.plot([1, lim], [1, lim], color="grey", ls="--", lw=0.8, label="speedup = FLOPs reduction")
+    ax.set_xlabel("FLOPs reduction (dense ÷ pruned decoder FLOPs)")
+    ax.set_ylabel("measured prefill speedup (interleaved)")
+    ax.set_title("FLOPs reduction vs measured speedup")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: str, out: str) -> list[Path]:
+    store = Store(results)
+    rows = store.load_rows()
+    summary = summarize(rows, store)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "retention_vs_sparsity.png": lambda p: fig_retention(summary, p),
+        "task_accuracy.png": lambda p: fig_task_accuracy(rows, p),
+        "perplexity_vs_sparsity.png": lambda p: fig_perplexity(summary, p),
+        "flops_vs_speedup.png": lambda p: fig_flops_vs_speedup(summary, p),
+    }
+    paths = []
+    for name, draw in figures.items():
+        draw(out_dir / name)
+        paths.append(out_dir / name)
+    acc = accuracy_rows(rows).copy()
+    acc["label"] = [_label(m, t) for m, t in zip(acc["method"], acc["target_sparsity"], strict=True)]
+    per_task = acc.pivot_table(index="label", columns="task", values="value", aggfunc="mean").reset_index()
+    task_sparsity = acc.pivot_table(index="label", columns="task", values="measured_sparsity",
+                                     aggfunc="mean").reset_index()
+    models = ", ".join(sorted(rows["model"].dropna().unique()))
+    commits = ", ".join(sorted(rows["git_commit"].dropna().unique()))
+    limits = ", ".join(str(x) for x in sorted(acc["limit"].dropna().unique())) or "all"
+    text = [
+        "# Pruning benchmark report",
+        "",
+        f"Generated from `{results}/` ({len(rows)} rows, {rows['cell'].nunique()} cells). Model(s): {models}. "
+        f"Items per task (limit): {limits}. Code: {commits}.",
+        "",
+        "## Summary",
+        "",
+        "Retention = mean primary accuracy (acc_norm where the task defines it, else acc) of the pruned model ÷ "
+        "the dense model's on the same items; 95% CI from a paired bootstrap over items. `sparsity@512` is the "
+        "compute sparsity measured with FlopCounterMode on a 512-token probe; `sparsity(tasks)` the mean of "
+        "the per-task measured values (token methods skip less on short items). Perplexity: WikiText-2 test, "
+        "non-overlapping windows; for a method that drops tokens (SDTP) it is computed over the positions that "
+        "keep logits (see `scored_fraction` rows).",
+        "",
+        "```",
+        format_summary(summary),
+        "```",
+        "",
+        "## Per-task accuracy",
+        "",
+        markdown_table(per_task),
+        "",
+        "## Measured compute sparsity per task",
+        "",
+        markdown_table(task_sparsity),
+        "",
+        "## Figures",
+        "",
+        *[f"![{p.stem}]({p.name})" for p in paths],
+        "",
+    ]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(text))
+    paths.append(report)
+    return paths

@@ -1,0 +1,21 @@
+"""The dense reference: nothing removed, sparsity 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from methods.base import Method, MethodConfigError
+
+
+@dataclass
+class Dense(Method):
+    name: ClassVar[str] = "dense"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity != 0.0:
+            raise MethodConfigError("dense has sparsity 0 by definition; drop --sparsity for it")
+
+    def stats(self) -> dict:
+        return {"layers_removed": []}

@@ -1,0 +1,303 @@
+"""SDTP at inference: saliency predictors before the stage layers, and the layer wrappers that really drop
+tokens (gather the kept rows, run every later layer on the shorter sequence at the original RoPE positions,
+scatter the survivors back to full length after the last layer).
+
+Decoding is never pruned: a forward that finds this layer's KV cache non-empty runs every new token through
+every layer, attending to whatever prompt tokens reached that layer during prefill."""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bench.flops import LayerFlopCoefficients
+from methods.base import MethodConfigError, current_scoring
+
+# Attention kernels for which `attention_mask=None` means plain causal attention during prefill.
+_IS_CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+class SaliencyPredictor(nn.Module):
+    """π = W₂·GELU(W₁x): two logits (keep, drop) per token from its hidden state.
+
+    `input_norm` RMS-normalises x first (no parameters, no counted FLOPs): the residual stream's scale grows
+    with depth and has a few massive channels, which a small MLP trained briefly cannot absorb."""
+
+    def __init__(self, hidden_size: int, width: int, input_norm: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(width, 2)
+        self.input_norm = input_norm
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.fc1.weight.dtype)
+        if self.input_norm:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.fc2(self.act(self.fc1(x)))
+
+    def flops_per_token(self) -> int:
+        """Matmul FLOPs per token, as FlopCounterMode counts them (biases and GELU are free)."""
+        return 2 * self.fc1.in_features * self.fc1.out_features + 2 * self.fc2.in_features * self.fc2.out_features
+
+
+def keep_logit(predictor_logits: torch.Tensor) -> torch.Tensor:
+    """π_keep − π_drop: monotone in the keep probability softmax(π)_keep = sigmoid(π_keep − π_drop)."""
+    return predictor_logits[..., 0] - predictor_logits[..., 1]
+
+
+def stage_budget(keep_ratio: float, stage: int, prompt_len: int) -> int:
+    """⌈r^s·N₀⌉ prompt tokens survive stage s (1-based); rounding guards against r^s·N₀ = 40.000000001."""
+    return math.ceil(round(keep_ratio ** stage * prompt_len, 9))
+
+
+def select_kept(scores: torch.Tensor, protected: torch.Tensor, budget: int,
+                eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices [batch, n_keep] of the tokens to keep: every protected token plus the highest-scoring
+    eligible others, up to `budget` per row (all rows keep the same count: the largest protected set wins)."""
+    key = scores.detach().float().masked_fill(protected, math.inf)
+    if eligible is not None:
+        key = key.masked_fill(~eligible, -math.inf)
+        available = int(eligible.sum(1).min())
+    else:
+        available = scores.shape[1]
+    n_keep = min(max(budget, int(protected.sum(1).max())), available)
+    return key.topk(n_keep, dim=1).indices.sort(dim=1).values
+
+
+def protected_positions(batch: int, seq_len: int, prompt_len: int, protect_first: int,
+                        protect_last_fraction: float, scored: torch.Tensor | None,
+                        device: torch.device) -> torch.Tensor:
+    """[batch, seq_len] bool: attention sinks, the local window, the scored positions and generated tokens."""
+    protected = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    protected[:, : min(protect_first, prompt_len)] = True
+    last = math.ceil(round(protect_last_fraction * prompt_len, 9))
+    protected[:, max(prompt_len - last, 0):] = True  # the local window and every generated token after it
+    if scored is not None:
+        if scored.shape != (batch, seq_len):
+            raise MethodConfigError(f"sdtp: scoring mask has shape {tuple(scored.shape)}, the input is "
+                                    f"{(batch, seq_len)}; pass one bool per input position")
+        protected |= scored.to(device=device, dtype=torch.bool)
+    return protected
+
+
+# --- the prompt / generated boundary for an uncached reference forward ----------------------------------
+_PROMPT_LENGTH: contextvars.ContextVar[int | None] = contextvars.ContextVar("sdtp_prompt_length", default=None)
+
+
+@contextmanager
+def prompt_length(n_prompt: int) -> Iterator[None]:
+    """Forwards inside see only the first `n_prompt` tokens as prompt; later ones are generated tokens, which
+    are never pruned and do not count in the stage budgets. This makes an uncached forward over prompt +
+    generated tokens compute exactly what cached prefill followed by one-token decoding computes."""
+    token = _PROMPT_LENGTH.set(int(n_prompt))
+    try:
+        yield
+    finally:
+        _PROMPT_LENGTH.reset(token)
+
+
+# --- per-forward state shared by the wrappers ------------------------------------------------------------
+@dataclass
+class PruningStats:
+    """Accumulated over prefill forwards since apply()."""
+
+    num_layers: int
+    prefill_forwards: int = 0
+    decode_forwards: int = 0
+    input_tokens: int = 0  # Σ batch·N over prefill forwards
+    tokens_per_layer: list[int] = field(default_factory=list)  # Σ batch·n_ℓ, tokens computed by layer ℓ
+    analytic_executed_flops: int = 0  # §5 formula on the kept-token schedule, predictors included
+    analytic_dense_flops: int = 0
+    stages_at_protected_floor: int = 0  # stage decisions where protected tokens alone exceeded the budget
+    stage_decisions: int = 0
+
+    def __post_init__(self) -> None:
+        self.tokens_per_layer = [0] * self.num_layers
+
+
+class PruningRuntime:
+    """What the wrappers of one model share: configuration, the current forward's kept set, statistics."""
+
+    def __init__(self, stage_layers: list[int], keep_ratio: float, num_layers: int, protect_first: int,
+                 protect_last_fraction: float, coefficients: LayerFlopCoefficients,
+                 predictor_flops_per_token: int) -> None:
+        self.stage_layers = list(stage_layers)
+        self.coefficients = coefficients
+        self.predictor_flops_per_token = predictor_flops_per_token
+        self.keep_ratio = keep_ratio
+        self.num_layers = num_layers
+        self.protect_first = protect_first
+        self.protect_last_fraction = protect_last_fraction
+        self.stats = PruningStats(num_layers)
+        self._reset_forward()
+
+    def _reset_forward(self) -> None:
+        self.decoding = False
+        self.kept: torch.Tensor | None = None  # [batch, n] original positions of the current rows
+        self.protected: torch.Tensor | None = None  # [batch, n] for the current rows
+        self.position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered cos/sin
+        self.full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prompt_len = 0
+        self.seq_len = 0
+        self.causal_mask: torch.Tensor | None = None
+        self.rows_per_layer: list[int] = []  # this forward's n_ℓ
+        self.rows_per_stage: list[int] = []  # tokens each predictor scored
+
+    # -- forward start (the first wrapped layer) -----------------------------------------------------------
+    def begin(self, hidden_states: torch.Tensor, attention_mask, past_key_values, layer_idx: int,
+              position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._reset_forward()
+        batch, seq_len = hidden_states.shape[:2]
+        if past_key_values is not None and past_key_values.get_seq_length(layer_idx) > 0:
+            self.decoding = True
+            self.stats.decode_forwards += 1
+            return
+        _require_plain_causal(attention_mask, seq_len)
+        n_prompt = _PROMPT_LENGTH.get()
+        self.prompt_len = seq_len if n_prompt is None else min(n_prompt, seq_len)
+        self.seq_len = seq_len
+        ctx = current_scoring()
+        if ctx is not None and ctx.scored is None:
+            # the caller reads every position: nothing may be dropped
+            protected = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device)
+        else:
+            protected = protected_positions(batch, seq_len, self.prompt_len, self.protect_first,
+                                            self.protect_last_fraction, ctx.scored if ctx else None,
+                                            hidden_states.device)
+        self.protected = protected
+        self.kept = torch.arange(seq_len, device=hidden_states.device).expand(batch, seq_len)
+        self.full_position_embeddings = position_embeddings
+        self.position_embeddings = position_embeddings
+        self.stats.prefill_forwards += 1
+        self.stats.input_tokens += batch * seq_len
+        self.rows_per_layer = [seq_len] * self.stage_layers[0]
+
+    # -- a stage: score, select, gather ---------------------------------------------------------------------
+    def prune(self, stage: int, predictor: SaliencyPredictor, hidden_states: torch.Tensor) -> torch.Tensor:
+        scores = keep_logit(predictor(hidden_states))
+        self.rows_per_stage.append(hidden_states.shape[1])
+        generated = self.seq_len - self.prompt_len
+        budget = stage_budget(self.keep_ratio, stage, self.prompt_len) + generated
+        local = select_kept(scores, self.protected, budget)
+        self.stats.stage_decisions += 1
+        if local.shape[1] > min(budget, hidden_states.shape[1]):
+            self.stats.stages_at_protected_floor += 1
+        self.kept = self.kept.gather(1, local)
+        self.protected = self.protected.gather(1, local)
+        cos, sin = self.full_position_embeddings
+        self.position_embeddings = (_gather_rows(cos, self.kept), _gather_rows(sin, self.kept))
+        self.causal_mask = None
+        return _gather_rows(hidden_states, local)
+
+    def layer_mask(self, layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Kept order is preserved, so plain causal attention over the kept rows is right."""
+        if self.kept is None or layer.self_attn.config._attn_implementation in _IS_CAUSAL_WITHOUT_MASK:
+            return None
+        if self.causal_mask is None:
+            n = hidden_states.shape[1]
+            self.causal_mask = _additive_mask(torch.ones(n, n, dtype=torch.bool, device=hidden_states.device).tril(),
+                                              hidden_states.dtype)
+        return self.causal_mask
+
+    # -- forward end (the last layer): scatter back to the original length -----------------------------------
+    def finish(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, _, hidden = hidden_states.shape
+        self._record(batch)
+        full = hidden_states.new_zeros(batch, self.seq_len, hidden)
+        full.scatter_(1, self.kept[..., None].expand(-1, -1, hidden), hidden_states)
+        ctx = current_scoring()
+        if ctx is not None:
+            real = torch.zeros(batch, self.seq_len, dtype=torch.bool, device=hidden_states.device)
+            real.scatter_(1, self.kept, True)
+            ctx.logit_positions = real
+        return full
+
+    def count(self, hidden_states: torch.Tensor) -> None:
+        if not self.decoding:
+            self.rows_per_layer.append(hidden_states.shape[1])
+
+    def _record(self, batch: int) -> None:
+        coeff = self.coefficients
+        for layer, n in enumerate(self.rows_per_layer):
+            self.stats.tokens_per_layer[layer] += batch * n
+            self.stats.analytic_executed_flops += batch * coeff.layer(n)
+        self.stats.analytic_executed_flops += batch * self.predictor_flops_per_token * sum(self.rows_per_stage)
+        self.stats.analytic_dense_flops += batch * self.num_layers * coeff.layer(self.seq_len)
+
+
+def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor [1 or batch, n, ...] → [batch, k, ...] at `index` [batch, k]."""
+    tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
+    return tensor.gather(1, index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [q, k] → float [1, 1, q, k]: 0 where allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _require_plain_causal(attention_mask, seq_len: int) -> None:
+    """Pruning decisions are per row with equal budgets: padded batches are not supported."""
+    if not isinstance(attention_mask, torch.Tensor):
+        return
+    mask = attention_mask[..., -seq_len:, -seq_len:]
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
+    if mask.shape[-2:] != (seq_len, seq_len) or not bool((allowed == causal).all()):
+        raise MethodConfigError("sdtp prunes unpadded rows only: batch rows of equal length without padding "
+                                "(or batch size 1); the attention mask given here is not plain causal")
+
+
+class SDTPLayer(nn.Module):
+    """Stands in for decoder layer ℓ ≥ first stage. At a stage layer it first scores and drops tokens; every
+    wrapped layer runs on the current kept rows with their original positions."""
+
+    def __init__(self, layer: nn.Module, layer_index: int, runtime: PruningRuntime,
+                 predictor: SaliencyPredictor | None = None, stage: int | None = None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.layer_index = layer_index
+        self.runtime = runtime
+        self.predictor = predictor
+        self.stage = stage  # 1-based stage number at a stage layer
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache: bool | None = False, position_embeddings=None, **kwargs) -> torch.Tensor:
+        runtime = self.runtime
+        layer_idx = self.layer.self_attn.layer_idx
+        if self.layer_index == runtime.stage_layers[0]:
+            runtime.begin(hidden_states, attention_mask, past_key_values, layer_idx, position_embeddings)
+        if runtime.decoding:
+            mask = _decoding_mask(hidden_states, past_key_values, layer_idx)
+            return self.layer(hidden_states, attention_mask=mask, position_ids=position_ids,
+                              past_key_values=past_key_values, use_cache=use_cache,
+                              position_embeddings=position_embeddings, **kwargs)
+        if self.predictor is not None:
+            hidden_states = runtime.prune(self.stage, self.predictor, hidden_states)
+        out = self.layer(hidden_states, attention_mask=runtime.layer_mask(self.layer, hidden_states),
+                         position_ids=runtime.kept, past_key_values=past_key_values, use_cache=use_cache,
+                         position_embeddings=runtime.position_embeddings, **kwargs)
+        runtime.count(out)
+        if self.layer_index == runtime.num_layers - 1:
+            out = runtime.finish(out)
+        return out
+
+
+def _decoding_mask(hidden_states: torch.Tensor, past_key_values, layer_idx: int) -> torch.Tensor | None:
+    """New tokens see every cached token of this layer (caches differ in length per layer) and each other
+    causally. One token needs no mask."""
+    q_len = hidden_states.shape[1]
+    if q_len == 1:
+        return None
+    past = past_key_values.get_seq_length(layer_idx)
+    query = torch.arange(q_len, device=hidden_states.device)[:, None] + past
+    key = torch.arange(past + q_len, device=hidden_states.device)[None, :]
+    return _additive_mask(key <= query, hidden_states.dtype)
