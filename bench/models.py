@@ -93,21 +93,27 @@ def _materialise_zoo_model(spec: ModelSpec) -> Path:
     return target
 
 
-def model_source(name: str) -> str:
-    """Where the weights come from: a zoo name, a local directory or a hub id."""
-    if name in MODELS:
-        return str(_materialise_zoo_model(MODELS[name]))
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    if "/" in name:
-        return name  # a hub id the user named explicitly
+def validate_model_name(name: str) -> None:
+    """Fail fast, before any work, on a name that is neither a zoo model, a directory nor a hub id."""
+    if name in MODELS or Path(name).expanduser().is_dir() or "/" in name:
+        return
     from difflib import get_close_matches
 
     hint = get_close_matches(name, list(MODELS), n=1)
     raise BenchError(
         f"unknown model {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-        + f". Use one of {sorted(MODELS)}, a local model directory, or a Hugging Face id such as "
+        + f" Use one of {sorted(MODELS)}, a local model directory, or a Hugging Face id such as "
         "meta-llama/Llama-2-7b-hf")
+
+
+def model_source(name: str) -> str:
+    """Where the weights come from: a zoo name, a local directory or a hub id."""
+    validate_model_name(name)
+    if name in MODELS:
+        return str(_materialise_zoo_model(MODELS[name]))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    return name  # a hub id the user named explicitly
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from bench.artifacts import ensure_calibrated
 from bench.errors import BenchError
-from bench.models import DEFAULT_MODEL, load_model
+from bench.models import DEFAULT_MODEL, load_model, validate_model_name
 from bench.paths import REPO_ROOT
 from bench.store import Store, cell_hash
 from methods import Method, MethodConfigError, make_method
@@ -103,6 +103,8 @@ class Runner:
             self.plan = plan_methods(config)
         except MethodConfigError as exc:
             raise BenchError(str(exc)) from exc
+        if model is None:
+            validate_model_name(config.model)
         self.store = Store(config.results)
         self.clock = StageClock()
         self.cells_written: list[str] = []

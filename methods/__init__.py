@@ -13,6 +13,7 @@ _REGISTRY: dict[str, tuple[str, dict]] = {
     "dense": ("methods.dense:Dense", {}),
     "random": ("methods.random_layers:RandomLayers", {}),
     "shortgpt": ("methods.shortgpt:ShortGPT", {}),
+    "blockpruner": ("methods.blockpruner:BlockPruner", {}),
     "sdtp": ("methods.sdtp:SDTP", {}),
 }
 
@@ -29,7 +30,7 @@ def available_methods() -> list[str]:
 def _unknown(name: str) -> MethodConfigError:
     close = get_close_matches(name, list(_REGISTRY), n=3)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return MethodConfigError(f"unknown method {name!r}{hint} Available: {', '.join(_REGISTRY)}")
+    return MethodConfigError(f"unknown method {name!r}{hint} (available: {', '.join(_REGISTRY)})")
 
 
 def method_class(name: str) -> type[Method]:

@@ -25,6 +25,15 @@ from methods.sdtp.training import (
 STAGES = [2, 4, 6]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: a second OpenMP thread only spins (100× slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(num_layers=8)
@@ -192,7 +201,8 @@ def test_generate_with_cache_equals_uncached_pruned_forward(model):
     ids = prompt(seq_len=40, seed=3)
     steps = 8
     with method.apply(model), torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                             pad_token_id=0,
                              return_dict_in_generate=True, output_logits=True)
         sequence = ids
         for step in range(steps):

@@ -190,7 +190,7 @@ def train_predictors(model, predictors: dict[int, SaliencyPredictor], input_ids:
                     optimizer.zero_grad(set_to_none=True)
                     total.backward()
                 optimizer.step()
-                history.append((float(total), *(float(x) for x in losses)))
+                history.append((float(total.detach()), *(float(x.detach()) for x in losses)))
                 recent = history[-20:]
                 bar.set_postfix(loss=f"{sum(h[0] for h in recent) / len(recent):.3f}",
                                 cls=f"{sum(h[1] for h in recent) / len(recent):.3f}",

@@ -1,0 +1,170 @@
+"""BlockPruner on a tiny random LLaMA: the search, the prefix choice, exact FLOPs, cached generation, restore."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.flops import LayerFlopCoefficients, count_flops
+from bench.models import tiny_llama
+from methods import make_method
+from methods.base import CalibrationSet, MethodConfigError
+from methods.blockpruner import BlockPrunedDecoderLayer, BlockPruner, greedy_block_search, removed_blocks
+
+NUM_LAYERS = 4
+
+
+def _model_text(model, rows: int = 3, length: int = 24, seed: int = 0) -> CalibrationSet:
+    """Calibration rows the dense model itself finds likely (sampled from it), so removing a working block
+    raises perplexity while removing a no-op block leaves it unchanged."""
+    torch.manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (rows, 1))
+    with torch.inference_mode():
+        ids = model.generate(prompt, max_new_tokens=length - 1, do_sample=True, temperature=0.5, top_k=0,
+                             pad_token_id=0)
+    return CalibrationSet.from_tensor(ids, "tiny-model-text")
+
+
+def _perplexity(model, input_ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, use_cache=False).logits.float()
+    row_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none").mean(-1)
+    return math.exp(row_nll.double().mean().item())
+
+
+def _plain_greedy_search(model, calibration: CalibrationSet, steps: int) -> tuple[list[list], list[float]]:
+    """Reference: the official loop with no caching at all, every candidate a full forward of the pruned model."""
+    candidates = [(kind, layer) for layer in range(model.config.num_hidden_layers) for kind in ("mha", "mlp")]
+    removed: list[tuple[str, int]] = []
+    perplexities = []
+    for _ in range(steps):
+        scores = {}
+        for block in candidates:
+            if block not in removed:
+                with removed_blocks(model, removed + [block]):
+                    scores[block] = _perplexity(model, calibration.input_ids)
+        best = min(scores, key=lambda b: (scores[b], 2 * b[1] + (b[0] == "mlp")))
+        removed.append(best)
+        perplexities.append(scores[best])
+    return [list(b) for b in removed], perplexities
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(num_layers=NUM_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def calibration(model):
+    return _model_text(model)
+
+
+@pytest.mark.parametrize("kind, layer, weight", [("mha", 2, "o_proj"), ("mlp", 1, "down_proj")])
+def test_no_op_block_is_removed_first(kind, layer, weight):
+    model = tiny_llama(num_layers=NUM_LAYERS)
+    calibration = _model_text(model)
+    dense_ppl = _perplexity(model, calibration.input_ids)
+    module = model.model.layers[layer].self_attn if kind == "mha" else model.model.layers[layer].mlp
+    getattr(module, weight).weight.zero_()
+    noop_ppl = _perplexity(model, calibration.input_ids)
+    artifact = greedy_block_search(model, calibration, steps=2, candidate_batch_size=3, progress=False)
+    assert artifact["deletion_order"][0] == [kind, layer]
+    # removing a no-op changes nothing: the perplexity after step 1 is the (no-op) dense one
+    assert artifact["perplexities"][0] == pytest.approx(noop_ppl, rel=1e-6)
+    assert artifact["dense_perplexity"] == pytest.approx(noop_ppl, rel=1e-6)
+    assert noop_ppl != pytest.approx(dense_ppl, rel=1e-3)  # the zeroed block did matter before
+
+
+@pytest.mark.parametrize("candidate_batch_size", [1, 5, 16])
+def test_cached_search_equals_plain_search(model, calibration, candidate_batch_size):
+    steps = 6
+    order, perplexities = _plain_greedy_search(model, calibration, steps)
+    artifact = greedy_block_search(model, calibration, steps, candidate_batch_size, progress=False)
+    assert artifact["deletion_order"] == order
+    assert artifact["perplexities"] == pytest.approx(perplexities, rel=1e-5)
+    assert artifact["perplexities"][0] > artifact["dense_perplexity"]  # model text: every removal hurts here
+
+
+def _method(model, calibration, sparsity: float, steps: int = 2 * NUM_LAYERS, seq_len: int = 512) -> BlockPruner:
+    method = make_method("blockpruner", sparsity=sparsity, search_steps=steps, reference_seq_len=seq_len)
+    method.load_artifact(method.calibrate(model, None, calibration))
+    return method
+
+
+def test_measured_compute_sparsity_equals_analytic_share(model, calibration):
+    seq_len = 40
+    ids = torch.randint(0, model.config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(3))
+    coeff = LayerFlopCoefficients.from_config(model.config)
+    dense = count_flops(model, ids)
+    for target in (0.1, 0.3, 0.6):
+        method = _method(model, calibration, target, seq_len=seq_len)
+        with method.apply(model) as pruned:
+            measured = count_flops(pruned, ids)
+        stats = method.stats()
+        removed = stats["blocks_removed"]
+        assert removed and len(removed) == stats["prefix_length"]
+        expected_removed = 2 * sum(coeff.attention(seq_len) if kind == "mha" else coeff.mlp(seq_len)
+                                   for kind, _ in removed)
+        assert dense.decoder - measured.decoder == expected_removed
+        assert 1 - measured.decoder / dense.decoder == pytest.approx(stats["analytic_compute_sparsity"], abs=1e-12)
+        assert abs(stats["analytic_compute_sparsity"] - target) <= 0.5 * coeff.mlp(seq_len) / (
+            NUM_LAYERS * coeff.layer(seq_len))
+
+
+def test_prefix_choice_and_too_few_steps(model, calibration):
+    method = _method(model, calibration, 0.0)
+    with method.apply(model):
+        assert method.stats()["prefix_length"] == 0
+    short = _method(model, calibration, 0.6, steps=2)
+    with pytest.raises(MethodConfigError, match="search_steps"), short.apply(model):
+        pass
+    with pytest.raises(MethodConfigError, match="search_steps"):
+        BlockPruner(search_steps=0)
+
+
+def _greedy(model, prompt: torch.Tensor, use_cache: bool) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+
+@pytest.mark.parametrize("blocks", [[("mha", 2)], [("mha", 0)], [("mha", 0), ("mlp", 0), ("mha", 1)]])
+def test_generate_with_cache_matches_no_cache(model, blocks):
+    prompt = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    dense = _greedy(model, prompt, use_cache=True)
+    with removed_blocks(model, blocks):
+        cached = _greedy(model, prompt, use_cache=True)
+        uncached = _greedy(model, prompt, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, dense)  # the removal changed the model
+
+
+def test_apply_restores_dense_model_exactly(model, calibration):
+    ids = calibration.input_ids
+    layers_before = list(model.model.layers)
+    with torch.inference_mode():
+        dense_logits = model(input_ids=ids).logits
+    method = _method(model, calibration, 0.3)
+    with method.apply(model) as pruned:
+        assert pruned is model
+        assert any(isinstance(layer, BlockPrunedDecoderLayer) for layer in model.model.layers)
+        with torch.inference_mode():
+            pruned_logits = model(input_ids=ids).logits
+    assert not torch.allclose(pruned_logits, dense_logits)
+    assert all(a is b for a, b in zip(model.model.layers, layers_before, strict=True))
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, dense_logits)
+
+
+def test_artifact_is_json_and_tied_to_the_model(model, calibration):
+    import json
+
+    method = _method(model, calibration, 0.2, steps=3)
+    artifact = json.loads(json.dumps(method.artifact))
+    assert len(artifact["deletion_order"]) == len(artifact["perplexities"]) == 3
+    assert "sparsity" not in method.calibration_config() and "search_steps" in method.calibration_config()
+    other = tiny_llama(num_layers=NUM_LAYERS + 2)
+    with pytest.raises(MethodConfigError, match="recalibrate"), method.apply(other):
+        pass
