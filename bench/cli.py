@@ -1,4 +1,4 @@
-"""`python -m bench {run,report,table,calibrate,list,gate}`. User errors print one line, no traceback."""
+"""`python -m bench {run,report,table,calibrate,list,gate,perf}`. User errors print one line, no traceback."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench.models import DEFAULT_MODEL as DEFAULT_MODEL_NAME
     from bench.runner import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_PPL_WINDOWS
 
     parser = argparse.ArgumentParser(prog="python -m bench", description="Compare LLM pruning methods at "
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--force", action="store_true", help="recalibrate even if a cached artifact exists")
     p.add_argument("--json", action="store_true", help="print the artifact as JSON (tensors summarised)")
+    p.add_argument("--save-committed", action="store_true",
+                   help="write the artifact into methods/artifacts/ (maintainers: artifacts shipped with the repo)")
 
     sub.add_parser("list", help="methods, tasks and models")
 
@@ -89,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="baseline JSON (default results/baseline/gate.json)")
     p.add_argument("--results", default=None, help="store for the gate's cells (default: a cache directory)")
     p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline and print the diff")
+
+    p = sub.add_parser("perf", help="scoring speed: vs a plain forward loop and vs stock HFLM, side by side")
+    p.add_argument("--model", default=DEFAULT_MODEL_NAME)
+    p.add_argument("--tasks", type=_names, default=None, help="comma-separated (default piqa,arc_easy,"
+                   "hellaswag,winogrande,boolq)")
+    p.add_argument("--limit", type=int, default=40, help="items per task (default 40)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -154,7 +166,10 @@ def cmd_calibrate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
-    info = ensure_calibrated(method, model, tokenizer, args.model, seed=args.seed, force=args.force)
+    from bench.artifacts import COMMITTED_DIR
+
+    info = ensure_calibrated(method, model, tokenizer, args.model, seed=args.seed, force=args.force or args.save_committed,
+                             save_to=COMMITTED_DIR if args.save_committed else None)
     with method.apply(model):
         stats = method.stats()
     artifact = {k: ({"tensor": list(v.shape), "dtype": str(v.dtype)} if isinstance(v, torch.Tensor) else v)
@@ -189,6 +204,12 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_perf(args) -> int:
+    from bench.perf import run_perf
+
+    return run_perf(args.model, args.tasks, args.limit, args.batch_size, args.threads, progress=not args.no_progress)
+
+
 def cmd_gate(args) -> int:
     from bench.gate import run_gate
 
@@ -197,7 +218,8 @@ def cmd_gate(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "table": cmd_table, "calibrate": cmd_calibrate,
-            "list": cmd_list, "gate": cmd_gate}
+            "list": cmd_list, "gate": cmd_gate,
+            "perf": cmd_perf}
 
 
 def main(argv: list[str] | None = None) -> int:
