@@ -15,6 +15,12 @@ _REGISTRY: dict[str, tuple[str, dict]] = {
     "shortgpt": ("methods.shortgpt:ShortGPT", {}),
     "blockpruner": ("methods.blockpruner:BlockPruner", {}),
     "sdtp": ("methods.sdtp:SDTP", {}),
+    "ftp": ("methods.ftp:FTP", {}),
+    "ftp-static": ("methods.ftp:FTP", {"router": "static"}),
+    "ftp-uniform": ("methods.ftp:FTP", {"schedule": "uniform"}),
+    "ftp-random": ("methods.ftp:FTP", {"router": "random"}),
+    "ftp-nopos": ("methods.ftp:FTP", {"position_input": False}),
+    "ftp-nosparsity": ("methods.ftp:FTP", {"sparsity_input": False, "selection": "topk"}),
 }
 
 
