@@ -188,12 +188,14 @@ def cmd_calibrate(args) -> int:
 def cmd_list(args) -> int:
     from bench.models import MODELS
     from bench.tasks import TASKS
-    from methods import available_methods, method_class
+    from methods import available_methods, method_class, variant_defaults
 
     print("methods:")
     for name in available_methods():
-        doc = (method_class(name).__doc__ or "").strip().splitlines()
-        print(f"  {name:16s} {doc[0] if doc else ''}")
+        cls = method_class(name)
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
+        variant = ", ".join(f"{k}={v}" for k, v in variant_defaults(name).items())
+        print(f"  {name:16s} {doc[0] if doc else ''}" + (f" [variant: {variant}]" if variant else ""))
     print("tasks:")
     for name, info in TASKS.items():
         print(f"  {name:16s} {info.n_items} items, metrics {', '.join(info.metrics)} (primary {info.primary_metric})")

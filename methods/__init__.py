@@ -39,6 +39,13 @@ def _unknown(name: str) -> MethodConfigError:
     return MethodConfigError(f"unknown method {name!r}{hint} (available: {', '.join(_REGISTRY)})")
 
 
+def variant_defaults(name: str) -> dict:
+    """The field values a registered variant sets (empty for a method registered as itself)."""
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    return dict(_REGISTRY[name][1])
+
+
 def method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
         raise _unknown(name)
@@ -61,4 +68,4 @@ def make_method(name: str, **fields) -> Method:
 
 
 __all__ = ["CalibrationSet", "Method", "MethodConfigError", "available_methods", "make_method", "method_class",
-           "register"]
+           "register", "variant_defaults"]
