@@ -1,8 +1,20 @@
-"""Accuracy through lm-eval (unforked): an `HFLM` subclass whose log-likelihood engine batches by length,
-computes logits only where they are scored, and tells the method which positions are scored.
+"""Accuracy through lm-eval (unforked): an `HFLM` subclass whose log-likelihood engine scores exactly the tokens
+stock `HFLM._loglikelihood_tokens` scores (same truncation, same continuation slice), only faster.
 
-The requests, their tokenization and the metrics are stock lm-eval; only the scoring loop is ours. It scores
-exactly the tokens stock `HFLM._loglikelihood_tokens` scores (same truncation, same continuation slice)."""
+Two paths, chosen per method (`BenchLM.path`):
+
+- "shared-prefix" (default; every method whose decisions are per position: dense, ShortGPT, random, BlockPruner).
+  The requests of one document (its multiple-choice options) are merged into a token trie and run as ONE packed
+  row: each trie node is a token at RoPE position = its depth, and a 4-D attention mask lets a node see exactly
+  its ancestors. So the shared context is computed once and every choice continues from it; each scored
+  position sees the very tokens it sees under stock scoring, hence the same log-probabilities (to float
+  rounding). It needs no KV cache, so a method that removes a whole attention block (BlockPruner) is safe.
+- "per-request" (methods with `sequence_dependent = True`: FTP, SDTP; and attention kernels that take no custom
+  mask). One unpadded row per request, as stock lm-eval builds it, with no mask (plain causal attention). Rows are
+  batched only with rows of the same length, so a token-routing method never sees padding or another request.
+
+Both paths sort by length (little padding), run under `torch.inference_mode`, compute logits only at scored
+positions, and tell the method which positions are scored (`methods.base.scoring`)."""
 
 from __future__ import annotations
 
@@ -11,6 +23,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -24,11 +37,15 @@ from bench.flops import count_flops  # noqa: E402
 from methods.base import scoring  # noqa: E402
 
 FLOP_PROBES_PER_TASK = 16
+MIN_FILL = 0.8  # a batch's rows are at least this fraction of its longest row
+SHARED_PREFIX, PER_REQUEST = "shared-prefix", "per-request"
+# attention kernels that honour an arbitrary 4-D mask (the packed trie needs one)
+_CUSTOM_MASK_KERNELS = {"sdpa", "eager"}
 
 
 @dataclass
 class ScoredInput:
-    """One forward's worth of tokens and the positions whose logits are read."""
+    """One request's forward as stock lm-eval builds it: the input tokens and the first scored position."""
 
     input_ids: list[int]
     scored_from: int  # first position whose logits score a continuation token
@@ -41,29 +58,95 @@ class ScoredInput:
 
 @dataclass
 class EngineStats:
+    """What the engine did: `tokens` = request tokens (what stock scoring would compute, unpadded),
+    `computed_tokens` = rows actually run (after prefix sharing), `padded_tokens` = with padding."""
+
+    path: str = ""
     forwards: int = 0
+    requests: int = 0
     tokens: int = 0
+    computed_tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
     probes: dict[str, list[ScoredInput]] = field(default_factory=lambda: defaultdict(list))
 
 
+@dataclass
+class PackedRow:
+    """Requests merged into a token trie. Nodes are in insertion order (a parent precedes its children)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    children: dict[tuple[int, int], int] = field(default_factory=dict)
+    requests: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, scored node per token)
+
+    def add(self, request: int, item: ScoredInput) -> None:
+        node = -1
+        path = []
+        for token in item.input_ids:
+            key = (node, token)
+            if key not in self.children:
+                self.children[key] = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.depths.append(self.depths[node] + 1 if node >= 0 else 0)
+            node = self.children[key]
+            path.append(node)
+        self.requests.append((request, path[item.scored_from:]))
+
+    def visibility(self, width: int) -> np.ndarray:
+        """[width, width] bool: node i sees node j iff j is i or an ancestor of i (padding sees only itself)."""
+        seen = np.zeros((width, width), dtype=bool)
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                seen[i] = seen[parent]
+            seen[i, i] = True
+        idx = np.arange(len(self.tokens), width)
+        seen[idx, idx] = True
+        return seen
+
+
+def pack_requests(items: list[ScoredInput], groups: list[object], max_nodes: int) -> list[PackedRow]:
+    """One trie per group (a document's choices); a request that would push a trie past `max_nodes` starts a
+    new row of its own group."""
+    rows: list[PackedRow] = []
+    open_row: dict[object, PackedRow] = {}
+    for i, (item, group) in enumerate(zip(items, groups, strict=True)):
+        row = open_row.get(group)
+        if row is None or len(row.tokens) + len(item.input_ids) > max_nodes:
+            row = open_row[group] = PackedRow()
+            rows.append(row)
+        row.add(i, item)
+    return rows
+
+
 class BenchLM(HFLM):
     """HFLM over an in-memory (possibly pruned) model.
 
-    sequence_dependent: the method's decisions depend on the whole sequence (token routing), so rows are
-    batched only with rows of the same length (no padding is ever seen by the method)."""
+    sequence_dependent: the method's decisions depend on the whole sequence (token routing): score each request
+    as its own unpadded row (the per-request path), never packed with other choices."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, sequence_dependent: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, max_batch_tokens: int = 4096):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.sequence_dependent = sequence_dependent
         self.progress = progress
-        self.engine = EngineStats()
+        self.max_batch_tokens = max_batch_tokens
+        self.engine = EngineStats(path=self.path)
         self._task_of_request: list[str] = []
+        self._group_of_request: list[object] = []
+
+    @property
+    def path(self) -> str:
+        kernel = getattr(self.model.config, "_attn_implementation", "sdpa")
+        return PER_REQUEST if self.sequence_dependent or kernel not in _CUSTOM_MASK_KERNELS else SHARED_PREFIX
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        self._task_of_request = [getattr(r, "task_name", "?") for r in requests]
+        self._task_of_request = [getattr(r, "task_name", None) or "?" for r in requests]
+        # a document's requests share one trie (its choices; WinoGrande's options share the text before the blank)
+        self._group_of_request = [(r.task_name, r.doc_id) if getattr(r, "doc_id", None) is not None else r.args[0]
+                                  for r in requests]
         return super().loglikelihood(requests, disable_tqdm=True)
 
     def _prepare(self, context_enc: list[int], continuation_enc: list[int]) -> ScoredInput:
@@ -71,12 +154,19 @@ class BenchLM(HFLM):
         inp = whole[:-1]
         return ScoredInput(input_ids=inp, scored_from=len(inp) - len(continuation_enc))
 
-    def _batches(self, order: list[int], items: list[ScoredInput]) -> list[list[int]]:
+    def _batches(self, lengths: list[int], same_length: bool) -> list[list[int]]:
+        """Longest first (worst-case memory shows at once); a batch holds at most `batch_size` rows and
+        `max_batch_tokens` padded tokens, and no row shorter than `MIN_FILL` of its longest (on CPU the cost is
+        linear in padded tokens, so a smaller batch is cheaper than padding); with `same_length`, only rows of
+        one length."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         batches: list[list[int]] = []
         for idx in order:
-            if batches and len(batches[-1]) < self.batch_size and (
-                    not self.sequence_dependent
-                    or len(items[batches[-1][0]].input_ids) == len(items[idx].input_ids)):
+            width = lengths[batches[-1][0]] if batches else 0
+            if batches and len(batches[-1]) < self.batch_size \
+                    and (len(batches[-1]) + 1) * width <= self.max_batch_tokens \
+                    and lengths[idx] >= MIN_FILL * width \
+                    and (not same_length or width == lengths[idx]):
                 batches[-1].append(idx)
             else:
                 batches.append([idx])
@@ -84,49 +174,97 @@ class BenchLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         items = [self._prepare(ctx, cont) for _, ctx, cont in requests]
-        conts = [cont for _, _, cont in requests]
-        tasks = self._task_of_request if len(self._task_of_request) == len(requests) else ["?"] * len(requests)
+        targets = [cont[len(cont) - (len(it.input_ids) - it.scored_from):] for it, (_, _, cont)
+                   in zip(items, requests, strict=True)]
+        n = len(items)
+        tasks = self._task_of_request if len(self._task_of_request) == n else ["?"] * n
         for i, item in enumerate(items):
             if len(self.engine.probes[tasks[i]]) < FLOP_PROBES_PER_TASK:
                 self.engine.probes[tasks[i]].append(item)
-        # longest first, so the first batch shows the worst-case memory at once
-        order = sorted(range(len(items)), key=lambda i: (-len(items[i].input_ids), tuple(items[i].input_ids)))
-        results: list[tuple[float, bool] | None] = [None] * len(items)
-        pad_id = self.tokenizer.pad_token_id or 0
+        groups = self._group_of_request if len(self._group_of_request) == n \
+            else [tuple(ctx) for _, ctx, _ in requests]
+        self.engine.path = self.path
+        self.engine.requests += n
+        self.engine.tokens += sum(len(it.input_ids) for it in items)
+        results: list[tuple[float, bool] | None] = [None] * n
         start = time.perf_counter()
-        pbar = tqdm(total=len(items), desc="scoring", disable=not self.progress or disable_tqdm, leave=False)
-        for batch in self._batches(order, items):
-            width = max(len(items[i].input_ids) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            scored = torch.zeros(len(batch), width, dtype=torch.bool)
-            for row, i in enumerate(batch):
-                n = len(items[i].input_ids)
-                ids[row, :n] = torch.tensor(items[i].input_ids)
-                scored[row, items[i].scored_from:n] = True
-            # logits only over the span any row scores (the LM head is ~20% of a forward on a small model)
-            first = min(items[i].scored_from for i in batch)
-            keep = torch.arange(first, width)
-            with torch.inference_mode(), scoring(scored.to(self.device)):
-                # right padding needs no mask for causal attention (as in stock HFLM)
-                logits = self.model(input_ids=ids.to(self.device), use_cache=False, logits_to_keep=keep.to(self.device)).logits
-            logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
-            for row, i in enumerate(batch):
-                n, lo = len(items[i].input_ids), items[i].scored_from
-                span = logprobs[row, lo - first:n - first]
-                target = torch.tensor(conts[i][-(n - lo):] if n - lo else [], dtype=torch.long)
-                greedy = bool((span.argmax(-1) == target).all())
-                results[i] = (float(span.gather(-1, target[:, None]).sum()), greedy)
-            self.engine.forwards += 1
-            self.engine.tokens += sum(len(items[i].input_ids) for i in batch)
-            self.engine.padded_tokens += len(batch) * width
-            pbar.update(len(batch))
+        pbar = tqdm(total=n, desc=f"scoring ({self.engine.path})", disable=not self.progress or disable_tqdm,
+                    leave=False)
+        if self.engine.path == SHARED_PREFIX:
+            rows = pack_requests(items, groups, max_nodes=self.max_batch_tokens)
+            for batch in self._batches([len(r.tokens) for r in rows], same_length=False):
+                self._score_packed([rows[b] for b in batch], targets, results)
+                pbar.update(sum(len(rows[b].requests) for b in batch))
+        else:
+            for batch in self._batches([len(it.input_ids) for it in items], same_length=self.sequence_dependent):
+                self._score_rows(batch, items, targets, results)
+                pbar.update(len(batch))
         pbar.close()
         self.engine.seconds += time.perf_counter() - start
         return results
 
+    def _forward(self, ids: torch.Tensor, scored: torch.Tensor, keep: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Log-probabilities [batch, len(keep), vocab] at the kept positions."""
+        with torch.inference_mode(), scoring(scored.to(self.device)):
+            logits = self.model(input_ids=ids.to(self.device), use_cache=False, logits_to_keep=keep.to(self.device),
+                                **kwargs).logits
+        self.engine.forwards += 1
+        self.engine.padded_tokens += ids.numel()
+        return F.log_softmax(logits.float(), dim=-1).cpu()
+
+    @staticmethod
+    def _read(logprobs: torch.Tensor, positions: torch.Tensor, target: list[int]) -> tuple[float, bool]:
+        span = logprobs[positions]
+        target_t = torch.tensor(target, dtype=torch.long)
+        greedy = bool((span.argmax(-1) == target_t).all())
+        return float(span.gather(-1, target_t[:, None]).sum()), greedy
+
+    def _score_packed(self, rows: list[PackedRow], targets: list[list[int]], results: list) -> None:
+        width = max(len(r.tokens) for r in rows)
+        pad_id = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        scored = torch.zeros(len(rows), width, dtype=torch.bool)
+        visible = np.zeros((len(rows), 1, width, width), dtype=bool)
+        for b, row in enumerate(rows):
+            ids[b, :len(row.tokens)] = torch.tensor(row.tokens)
+            positions[b, :len(row.tokens)] = torch.tensor(row.depths)
+            visible[b, 0] = row.visibility(width)
+            for _, nodes in row.requests:
+                scored[b, nodes] = True
+        keep = scored.any(0).nonzero().flatten()
+        column = torch.full((width,), -1, dtype=torch.long)
+        column[keep] = torch.arange(len(keep))
+        mask = torch.from_numpy(visible).to(self.device)
+        if getattr(self.model.config, "_attn_implementation", "sdpa") == "eager":
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self.model.dtype).min)
+        self.engine.computed_tokens += sum(len(r.tokens) for r in rows)
+        logprobs = self._forward(ids, scored, keep, attention_mask=mask, position_ids=positions.to(self.device))
+        for b, row in enumerate(rows):
+            for request, nodes in row.requests:
+                results[request] = self._read(logprobs[b], column[nodes], targets[request])
+
+    def _score_rows(self, batch: list[int], items: list[ScoredInput], targets: list[list[int]],
+                    results: list) -> None:
+        width = max(len(items[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        scored = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, i in enumerate(batch):
+            ids[row, :len(items[i].input_ids)] = torch.tensor(items[i].input_ids)
+            scored[row, items[i].scored_from:len(items[i].input_ids)] = True
+        first = min(items[i].scored_from for i in batch)
+        self.engine.computed_tokens += sum(len(items[i].input_ids) for i in batch)
+        # right padding needs no mask under causal attention (as in stock HFLM)
+        logprobs = self._forward(ids, scored, torch.arange(first, width))
+        for row, i in enumerate(batch):
+            lo, end = items[i].scored_from, len(items[i].input_ids)
+            results[i] = self._read(logprobs[row], torch.arange(lo - first, end - first), targets[i])
+
 
 def measure_task_flops(model, probes: list[ScoredInput]) -> tuple[int, list[int]]:
-    """Executed decoder FLOPs of the pruned model on each probe (unpadded, batch 1), and the lengths."""
+    """Executed decoder FLOPs of the pruned model on each probe as stock scoring runs it (unpadded, batch 1,
+    no prefix sharing: the matched-sparsity axis is defined on whole sequences), and the lengths."""
     device = next(model.parameters()).device
     total = 0
     lengths = []
