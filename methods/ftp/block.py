@@ -88,6 +88,7 @@ class RoutingController:
         self.use_position = use_position
         self.use_sparsity = use_sparsity
         self.decode_threshold = decode_threshold
+        self.compute_threshold = 0.5  # prefill argmax rule: compute iff P(compute) > 0.5 (see FTP._rescale)
         self.gumbel_tau = gumbel_tau
         self.generator = torch.Generator().manual_seed(seed)
         self.mode = "route"
@@ -168,9 +169,10 @@ class RoutingController:
             return random_compute_mask(valid, sparsity, self.generator)
         logits = self.router_logits(index)
         self.stats.router_flops += logits.shape[0] * logits.shape[1] * self.router.flops_per_token
+        p_compute = torch.softmax(logits.float(), -1)[..., 0]
         if self.selection == "topk":
-            return topk_compute_mask(torch.softmax(logits.float(), -1)[..., 0], valid, sparsity)
-        return valid & (logits[..., 0] > logits[..., 1])
+            return topk_compute_mask(p_compute, valid, sparsity)
+        return valid & (p_compute > self.compute_threshold)
 
     def decode_decision(self, index: int) -> bool:
         """One-token decoding: compute the newest token in block `index`? Threshold on P(compute)."""
@@ -202,7 +204,7 @@ class RoutingController:
         elif self.selection == "topk":
             gate = topk_compute_mask(p_compute, valid, sparsity).float()
         else:
-            gate = (p_compute > 0.5).float()
+            gate = (p_compute > self.compute_threshold).float()
         gate = gate * valid
         return gate, gate.detach() > 0.5
 
@@ -282,6 +284,8 @@ class RoutedDecoderLayer(nn.Module):
                 ctl.table = attention_received(probs, causal_visibility(length, length, hidden.device)[None]).float()
             return out
         counts = compute.sum(-1)
+        if not bool(counts.any()):
+            return hidden
         if bool((counts == counts[0]).all()):
             return self._gathered(hidden, compute.nonzero()[:, 1].view(len(counts), -1), call, need)
         if call.get("past_key_values") is not None:
@@ -300,16 +304,16 @@ class RoutedDecoderLayer(nn.Module):
         """Run the block on hidden[:, index] (index [B, n], ascending) and scatter the outputs back."""
         ctl = self.controller
         batch, count = index.shape
-        cos, sin = call["position_embeddings"]
+        rows = slice(None) if row is None else slice(row, row + 1)
+        cos, sin = (_rows(t, rows) for t in call["position_embeddings"])
         sub_call = dict(call)
         sub_call["position_embeddings"] = (_take(cos, index), _take(sin, index))
         if call.get("position_ids") is not None:
-            sub_call["position_ids"] = call["position_ids"].expand(batch, -1).gather(1, index)
+            sub_call["position_ids"] = _rows(call["position_ids"], rows).expand(batch, -1).gather(1, index)
         out_sub, probs = self._run(_take(hidden, index), None, sub_call, need)
         out = hidden.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), out_sub)
         if need:
             received = attention_received(probs, causal_visibility(count, count, hidden.device)[None]).float()
-            rows = slice(None) if row is None else slice(row, row + 1)
             ctl.table[rows] = ctl.table[rows].scatter(1, index, received)
         return out
 
@@ -318,6 +322,7 @@ class RoutedDecoderLayer(nn.Module):
         ctl = self.controller
         need = self._needs_probs()
         compute = ctl.decode_decision(self.index)
+        ctl.last_decisions[self.index] = torch.tensor([[compute]], device=hidden.device)
         if not compute:
             return hidden  # no query, no K/V written: this block's cache keeps only its computed tokens
         ctl.stats.decode_computed[self.index] += 1
@@ -347,6 +352,11 @@ class RoutedDecoderLayer(nn.Module):
             received = attention_received(probs, keys & hard[:, :, None]).detach().float()
             ctl.table = received if ctl.table is None else torch.where(hard, received, ctl.table)
         return hidden + gate[..., None].to(hidden.dtype) * (out - hidden)
+
+
+def _rows(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The given rows of a per-row tensor; a batch-1 tensor (shared position embeddings) as it is."""
+    return tensor if tensor.shape[0] == 1 else tensor[rows]
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ class TrainConfig:
     guide_decay_fraction: float = 0.5
     sparsity_weight: float = 1.0
     distill_weight: float = 1.0
+    distill_target: str = "final_norm"  # "final_norm": last_hidden_state (LM-head input); "block_output": raw
 
 
 def train_router(model, controller: RoutingController, windows: torch.Tensor, config: TrainConfig,
@@ -65,15 +66,14 @@ def train_router(model, controller: RoutingController, windows: torch.Tensor, co
             input_ids = windows[step:step + 1].to(device)
             controller.mode = "dense"
             with torch.no_grad():
-                model.model(input_ids=input_ids, use_cache=False)
-            dense_hidden = controller.final_hidden.detach()
+                dense_hidden = _final_hidden(model, controller, input_ids, config.distill_target).detach()
             controller.mode, controller.sample_gates = "simulate", True
             with torch.enable_grad():
-                model.model(input_ids=input_ids, use_cache=False)
+                hidden = _final_hidden(model, controller, input_ids, config.distill_target)
                 record = controller.record
                 l_guide = guide_loss(record.p_compute, record.static_compute)
                 l_sparsity = sparsity_loss(record.p_compute, controller.schedule, controller.valid)
-                l_distill = distillation_loss(controller.final_hidden, dense_hidden)
+                l_distill = distillation_loss(hidden, dense_hidden)
                 weight = guide_weight(step, len(windows), config.guide_weight_start, config.guide_decay_fraction)
                 loss = weight * l_guide + config.sparsity_weight * l_sparsity + config.distill_weight * l_distill
                 optimizer.zero_grad(set_to_none=True)
@@ -82,7 +82,7 @@ def train_router(model, controller: RoutingController, windows: torch.Tensor, co
                     optimizer.step()
             for key, value in (("loss_total", loss), ("loss_guide", l_guide), ("loss_sparsity", l_sparsity),
                                ("loss_distill", l_distill), ("guide_weight", weight)):
-                history[key].append(float(value))
+                history[key].append(float(value.detach() if isinstance(value, torch.Tensor) else value))
             recent = {k: sum(v[-20:]) / len(v[-20:]) for k, v in history.items() if k != "guide_weight"}
             bar.set_postfix(L_g=f"{recent['loss_guide']:.3f}", L_s=f"{recent['loss_sparsity']:.3f}",
                             L_d=f"{recent['loss_distill']:.3f}")
@@ -91,6 +91,15 @@ def train_router(model, controller: RoutingController, windows: torch.Tensor, co
         controller.final_hidden = None
         router.eval()
     return history
+
+
+def _final_hidden(model, controller: RoutingController, input_ids: torch.Tensor, target: str) -> torch.Tensor:
+    """The distillation target: the decoder's last_hidden_state (after the final norm) or the raw last block output.
+
+    SmolLM2's raw residual stream carries massive activations (rms ≈ 43, the first token ≈ 228, max |h| ≈ 3,400),
+    which make a raw MSE ≈ 2,000 and drown λ_s = 1; the normed state is what the LM head reads."""
+    normed = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return normed if target == "final_norm" else controller.final_hidden
 
 
 def lm_loss(model, input_ids: torch.Tensor) -> float:

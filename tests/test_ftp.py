@@ -1,0 +1,382 @@
+"""FTP on a tiny random LLaMA: real skipping (gather/scatter), exact FLOPs, static router, GA, losses, cached
+decoding against a full-sequence reference, padding, calibration end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.flops import LayerFlopCoefficients, count_flops
+from methods import make_method
+from methods.base import CalibrationSet
+from methods.ftp import FTP
+from methods.ftp.block import RoutingController, routed_model
+from methods.ftp.router import TokenRouter, static_compute_mask, topk_compute_mask
+from methods.ftp.schedule import GAConfig, genetic_search, token_sparsity_for_compute, uniform_schedule
+from methods.ftp.training import distillation_loss, guide_loss, guide_weight, sparsity_loss
+
+SCHEDULE = [0.0, 0.5, 0.25, 0.4, 0.6, 0.3]  # six blocks, as the `tiny` fixture
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's ops take microseconds; on a shared 2-core machine waking a second thread costs ~10 ms per op
+    (a tiny calibration: 0.2 s on one thread, 37 s on two under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _router(compute_bias: float = 0.0) -> TokenRouter:
+    """A hand-set router that computes late, highly attended tokens in lightly scheduled blocks and skips others:
+    logit_compute - logit_skip = 3·gelu(position) - 2·gelu(rank) - 3·gelu(s_i) + 0.2 + bias."""
+    router = TokenRouter()
+    with torch.no_grad():
+        for p in router.parameters():
+            p.zero_()
+        router.net[0].weight[0, 0] = router.net[0].weight[1, 2] = router.net[0].weight[2, 3] = 1.0
+        router.net[2].weight[0, :3] = torch.tensor([3.0, -2.0, -3.0])
+        router.net[2].bias[0] = 0.2 + compute_bias
+    return router.eval().requires_grad_(False)
+
+
+def _ids(length: int = 40, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+# -- the routed block ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,selection", [("learned", "argmax"), ("learned", "topk"), ("static", "topk")])
+def test_sparsity_zero_equals_dense(tiny, kind, selection):
+    ids = _ids()
+    dense = _logits(tiny, ids)
+    ctl = RoutingController(tiny.config, [0.0] * 6, _router(compute_bias=-5.0) if kind == "learned" else None,
+                            kind=kind, selection=selection)
+    with routed_model(tiny, ctl):
+        routed = _logits(tiny, ids)
+    torch.testing.assert_close(routed, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_method_at_sparsity_zero_equals_dense(tiny, tiny_calibration):
+    method = FTP(sparsity=0.0, preset="test", progress=False)
+    method.load_artifact(method.calibrate(tiny, None, tiny_calibration))
+    ids = _ids()
+    dense = _logits(tiny, ids)
+    with method.apply(tiny):
+        torch.testing.assert_close(_logits(tiny, ids), dense, rtol=1e-5, atol=1e-5)
+    assert method.stats()["compute_sparsity"] == pytest.approx(0.0, abs=1e-3)  # only router FLOPs: none here
+
+
+def test_skipped_tokens_bypass_the_block_and_are_absent_from_its_keys(tiny):
+    ids = _ids()
+    ctl = RoutingController(tiny.config, SCHEDULE, _router(), kind="learned", selection="topk")
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with routed_model(tiny, ctl):
+        handles = [layer.register_forward_hook(
+            lambda m, args, out, i=i: seen.__setitem__(i, (args[0].clone(), out.clone())))
+            for i, layer in enumerate(tiny.model.layers)]
+        with torch.no_grad():
+            output = tiny(input_ids=ids, use_cache=True)
+        for handle in handles:
+            handle.remove()
+        decisions = {i: d[0].clone() for i, d in ctl.last_decisions.items()}
+    cache = output.past_key_values
+    skipped_somewhere = False
+    for i, layer in enumerate(tiny.model.layers):
+        compute = decisions[i]
+        h_in, h_out = seen[i]
+        skipped = ~compute
+        skipped_somewhere |= bool(skipped.any())
+        assert torch.equal(h_out[0, skipped], h_in[0, skipped]), f"block {i} changed a skipped token"
+        assert not torch.equal(h_out[0, compute], h_in[0, compute])
+        # The block's cache holds exactly the computed tokens' keys, rotated at their original positions.
+        keys = cache.layers[i].keys[0]
+        assert keys.shape[-2] == int(compute.sum())
+        attn = layer.self_attn
+        x = layer.input_layernorm(h_in[0, compute])
+        k = attn.k_proj(x).view(-1, attn.config.num_key_value_heads, attn.head_dim).transpose(0, 1)
+        cos, sin = tiny.model.rotary_emb(x[None], compute.nonzero()[:, 0][None])
+        rotated = k * cos + torch.cat([-k[..., k.shape[-1] // 2:], k[..., : k.shape[-1] // 2]], -1) * sin
+        torch.testing.assert_close(keys, rotated, rtol=1e-5, atol=1e-5)
+    assert skipped_somewhere and bool(decisions[0].all())
+
+
+@pytest.mark.parametrize("kind,selection", [("learned", "argmax"), ("learned", "topk"), ("static", "topk"),
+                                            ("random", "topk")])
+def test_executed_flops_match_the_analytic_count(tiny, kind, selection):
+    ids = _ids(48)
+    coeff = LayerFlopCoefficients.from_config(tiny.config)
+    router = _router() if kind == "learned" else None
+    ctl = RoutingController(tiny.config, SCHEDULE, router, kind=kind, selection=selection)
+    with routed_model(tiny, ctl):
+        measured = count_flops(tiny, ids).decoder
+        counts = [int(ctl.last_decisions[i].sum()) for i in range(6)]
+    routed_blocks = sum(1 for s in SCHEDULE[1:] if s > 0)
+    router_flops = routed_blocks * ids.shape[1] * (2 * 4 * 64 + 2 * 64 * 2) if kind == "learned" else 0
+    assert measured == sum(coeff.layer(n) for n in counts) + router_flops
+    assert counts[0] == 48 and min(counts) < 48
+    if selection == "topk":
+        assert counts == [math.ceil((1 - s) * 48 - 1e-9) for s in SCHEDULE]
+    assert measured < count_flops(tiny, ids).decoder
+
+
+def test_real_skipping_equals_the_gated_simulation(tiny):
+    """Gather/scatter inference and the training-time simulation (h + g·Δ, skipped keys masked) agree."""
+    ids = _ids(36)
+    ctl = RoutingController(tiny.config, SCHEDULE, _router(), kind="learned", selection="argmax")
+    with routed_model(tiny, ctl):
+        routed = _logits(tiny, ids)
+        decisions = {i: d.clone() for i, d in ctl.last_decisions.items()}
+        ctl.mode, ctl.forced_decisions = "simulate", decisions
+        simulated = _logits(tiny, ids)
+        ctl.mode, ctl.forced_decisions = "route", None
+        ctl.mode = "simulate"
+        unforced = _logits(tiny, ids)  # argmax gates from the router itself: the same decisions
+        ctl.mode = "route"
+    torch.testing.assert_close(simulated, routed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unforced, routed, rtol=1e-5, atol=1e-5)
+
+
+# -- router inputs and selections -----------------------------------------------------------------------------
+def test_static_router_keeps_first_token_and_recent_window(tiny):
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    mask = static_compute_mask(valid, 0.6)  # ⌈0.4·10⌉ = 4: x0 and x7, x8, x9
+    assert mask[0].nonzero()[:, 0].tolist() == [0, 7, 8, 9]
+    padded = torch.tensor([[False, False, True, True, True, True, True, True]])
+    assert static_compute_mask(padded, 0.5)[0].nonzero()[:, 0].tolist() == [2, 6, 7]  # budget from 6 valid tokens
+    ctl = RoutingController(tiny.config, SCHEDULE, None, kind="static")
+    with routed_model(tiny, ctl):
+        _logits(tiny, _ids(20))
+        for i, s in enumerate(SCHEDULE):
+            keep = math.ceil((1 - s) * 20 - 1e-9)
+            expected = [0] + list(range(20 - keep + 1, 20)) if s > 0 else list(range(20))
+            assert ctl.last_decisions[i][0].nonzero()[:, 0].tolist() == expected
+
+
+def test_topk_budget_excludes_padding():
+    p = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.2, 0.6]])
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    assert topk_compute_mask(p, valid, 0.4)[0].tolist() == [False, True, False, True, False, True]
+
+
+def test_attention_score_table_is_one_under_uniform_attention():
+    from methods.ftp.attention import attention_received, causal_visibility
+
+    n = 7
+    visible = causal_visibility(n, n, torch.device("cpu"))
+    probs = (visible.float() / visible.sum(-1, keepdim=True))[None, None].expand(1, 3, n, n)
+    torch.testing.assert_close(attention_received(probs, visible[None]), torch.ones(1, n))
+
+
+def test_padded_rows_match_unpadded_rows(tiny):
+    """Padding is never computed in routed blocks and never counts toward a budget."""
+    ids = _ids(24)
+    pad = 5
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+    batch = torch.cat([padded, torch.cat([ids, ids[:, :pad]], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    positions = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.arange(24)[None]], 1)
+    positions = torch.cat([positions, torch.arange(24 + pad)[None]])
+    ctl = RoutingController(tiny.config, SCHEDULE, None, kind="static")
+    with routed_model(tiny, ctl):
+        alone = _logits(tiny, ids)
+        both = _logits(tiny, batch, attention_mask=mask, position_ids=positions, use_cache=False)
+        assert not ctl.last_decisions[2][0, :pad].any()
+    torch.testing.assert_close(both[0, pad:], alone[0], rtol=1e-4, atol=1e-4)
+
+
+# -- cached decoding -------------------------------------------------------------------------------------------
+def test_generate_with_cache_matches_full_sequence_reference(tiny):
+    """Reference: the full generated sequence run without cache through the gated simulation, with every
+    (block, position) decision forced to what cached decoding chose. Token t's state at block i depends only on
+    earlier tokens and their decisions, so the two must give the same logits at every position, and greedy
+    decoding must pick their argmax."""
+    prompt = _ids(16)
+    ctl = RoutingController(tiny.config, SCHEDULE, _router(compute_bias=-1.5), kind="learned")
+    steps: list[dict[int, torch.Tensor]] = []
+    with routed_model(tiny, ctl):
+        hook = tiny.model.register_forward_hook(lambda *a: steps.append(dict(ctl.last_decisions)))
+        with torch.no_grad():
+            out = tiny.generate(prompt, max_new_tokens=10, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+        hook.remove()
+        sequence = out.sequences
+        total = sequence.shape[1] - 1  # the last token was never fed back
+        decisions = {i: torch.cat([step[i] for step in steps], dim=1)[:, :total] for i in range(6)}
+        decode_skips = sum(int((~decisions[i][:, 16:]).sum()) for i in range(1, 6))
+        ctl.mode, ctl.forced_decisions = "simulate", decisions
+        reference = _logits(tiny, sequence[:, :total])
+        ctl.mode, ctl.forced_decisions = "route", None
+    generated = torch.stack(out.logits, dim=1)
+    torch.testing.assert_close(generated, reference[:, 15:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(sequence[:, 16:], reference[:, 15:].argmax(-1))
+    assert decode_skips > 0, "the test router should skip some decoding steps"
+    assert ctl.stats.decode_steps == 9
+
+
+def test_cached_decoding_rejects_batches(tiny):
+    from methods.base import MethodConfigError
+
+    ctl = RoutingController(tiny.config, SCHEDULE, None, kind="static")
+    with routed_model(tiny, ctl), pytest.raises(MethodConfigError, match="batch size 1"):
+        tiny.generate(_ids(12, batch=2), max_new_tokens=2, do_sample=False)
+
+
+# -- schedule search -------------------------------------------------------------------------------------------
+def test_translation_from_compute_to_token_sparsity(real_config):
+    assert token_sparsity_for_compute(0.25, real_config, 512) == pytest.approx(0.225, abs=0.001)
+    assert token_sparsity_for_compute(0.0, real_config, 512) == 0.0
+
+
+def test_ga_keeps_mean_and_improves_a_planted_problem():
+    blocks, mean = 10, 0.3
+    planted = [0.0, 0.05, 0.1, 0.2, 0.6, 0.8, 0.6, 0.35, 0.2, 0.1]  # mean 0.3, s_0 = 0
+    assert sum(planted) / blocks == pytest.approx(mean)
+
+    def fitness(s: list[float]) -> float:
+        assert s[0] == 0.0 and abs(sum(s) / blocks - mean) < 1e-9 and min(s) >= 0 and max(s) <= 0.9 + 1e-12
+        return -sum((a - b) ** 2 for a, b in zip(s, planted, strict=True))
+
+    result = genetic_search(fitness, blocks, mean, GAConfig(population=16, generations=25), seed=0, progress=False)
+    assert result.best_fitness[-1] > result.best_fitness[0] + 0.1
+    assert result.best_fitness == sorted(result.best_fitness)  # elitism: the best never gets worse
+    assert fitness(result.best) == pytest.approx(result.best_fitness[-1])
+    assert result.best_fitness[-1] > fitness(uniform_schedule(blocks, mean)) + 0.1
+    again = genetic_search(fitness, blocks, mean, GAConfig(population=16, generations=25), seed=0, progress=False)
+    assert again.best == result.best
+
+
+# -- losses ------------------------------------------------------------------------------------------------------
+def test_each_loss_is_zero_where_it_should_be():
+    static = {1: torch.tensor([[True, False, True]])}
+    assert float(guide_loss({1: static[1].float()}, static)) == 0.0
+    assert float(guide_loss({1: torch.full((1, 3), 0.5)}, static)) == pytest.approx(math.log(2))
+    p = {1: torch.tensor([[0.2, 0.4, 0.6, 0.8]]), 2: torch.tensor([[0.9, 0.9, 0.9, 0.9]])}  # skip 0.5 and 0.1
+    assert float(sparsity_loss(p, [0.0, 0.5, 0.1])) == 0.0  # met exactly
+    assert float(sparsity_loss(p, [0.0, 0.3, 0.0])) == 0.0  # over-skipping is not penalised
+    assert float(sparsity_loss(p, [0.0, 0.6, 0.3])) == pytest.approx(0.1 + 0.2)
+    h = torch.randn(1, 5, 8)
+    assert float(distillation_loss(h, h.clone())) == 0.0
+    assert guide_weight(0, 100) == 1.0 and guide_weight(25, 100) == 0.5 and guide_weight(50, 100) == 0.0
+    assert guide_weight(99, 100) == 0.0
+
+
+def test_distillation_is_zero_when_every_token_is_computed(tiny):
+    ids = _ids(20)
+    ctl = RoutingController(tiny.config, SCHEDULE, _router(), kind="learned")
+    with routed_model(tiny, ctl):
+        ctl.mode = "dense"
+        dense = tiny.model(input_ids=ids).last_hidden_state
+        ctl.mode, ctl.forced_decisions = "simulate", {i: torch.ones(1, 20, dtype=torch.bool) for i in range(6)}
+        simulated = tiny.model(input_ids=ids).last_hidden_state
+        ctl.mode, ctl.forced_decisions = "route", None
+    assert float(distillation_loss(simulated, dense)) < 1e-10
+
+
+# -- the method -------------------------------------------------------------------------------------------------
+def _calibration(rows: int = 12, length: int = 32) -> CalibrationSet:
+    return CalibrationSet.from_tensor(torch.randint(0, 128, (rows, length), generator=torch.Generator().manual_seed(0)),
+                                      "random-tokens")
+
+
+def test_calibrate_is_seeded_and_hits_the_target(tiny):
+    fields = dict(sparsity=0.3, preset="test", selection="topk", progress=False)
+    method = FTP(**fields)
+    artifact = method.calibrate(tiny, None, _calibration())
+    again = FTP(**fields).calibrate(tiny, None, _calibration())
+    assert artifact["schedule"] == again["schedule"]
+    assert artifact["loss_total"] == again["loss_total"]
+    assert torch.equal(artifact["router.net.0.weight"], again["router.net.0.weight"])
+    schedule = artifact["schedule"]
+    assert schedule[0] == 0.0 and sum(schedule) / 6 == pytest.approx(artifact["schedule_mean"])
+    assert artifact["schedule_mean"] == pytest.approx(token_sparsity_for_compute(0.3, tiny.config, 512))
+    for key in ("ga_best_fitness", "finetune_best_fitness", "loss_guide", "loss_sparsity", "loss_distill"):
+        assert artifact[key], key
+    assert all(isinstance(v, (torch.Tensor, int, float, list)) for v in artifact.values())
+    assert abs(artifact["measured_compute_sparsity"] - 0.3) <= 0.02
+    method.load_artifact(artifact)
+    ids = _ids(32)
+    with method.apply(tiny):
+        _logits(tiny, ids)
+        stats = method.stats()
+    assert abs(stats["compute_sparsity"] - 0.3) <= 0.02
+    assert stats["per_block_computed_fraction"][0] == 1.0
+
+
+def test_rescaling_moves_an_argmax_router_onto_the_target(tiny):
+    """The argmax router's sparsity is measured, then the schedule scaled until it fits (bisection)."""
+    method = FTP(sparsity=0.3, preset="test", progress=False)
+    ctl = RoutingController(tiny.config, SCHEDULE, _router(compute_bias=1.0), kind="learned")
+    windows = _ids(48, batch=2)
+    with routed_model(tiny, ctl):
+        fit = method._rescale(tiny, ctl, SCHEDULE, windows)
+    first = fit.history[0]
+    assert first["scale"] == 1.0 and abs(first["compute_sparsity"] - 0.3) > method.rescale_tolerance  # misses ...
+    assert abs(fit.measured["compute_sparsity"] - 0.3) <= method.rescale_tolerance  # ... the rescaled one fits
+    assert fit.scale != 1.0 and fit.threshold == 0.5
+
+
+def test_threshold_fallback_when_scaling_cannot_reach_the_target(tiny):
+    """A router whose P(compute) ignores the sparsity input and stays above 0.5: no scale helps, the threshold does."""
+    method = FTP(sparsity=0.3, preset="test", rescale_iterations=8, progress=False)
+    router = _router(compute_bias=2.0)
+    with torch.no_grad():
+        router.net[2].weight[0, 2] = 0.0  # no dependence on s_i
+    ctl = RoutingController(tiny.config, SCHEDULE, router, kind="learned")
+    with routed_model(tiny, ctl):
+        fit = method._rescale(tiny, ctl, SCHEDULE, _ids(48))
+    assert all(h["compute_sparsity"] < 0.05 for h in fit.history if h["threshold"] == 0.5)
+    assert fit.threshold > 0.5 and abs(fit.measured["compute_sparsity"] - 0.3) <= 0.02
+    with torch.no_grad():
+        router.net[2].bias[0] = -3.0  # now it skips nearly everything, whatever s_i: the threshold goes down
+    with routed_model(tiny, ctl):
+        fit = method._rescale(tiny, ctl, SCHEDULE, _ids(48))
+    assert fit.threshold < 0.5 and abs(fit.measured["compute_sparsity"] - 0.3) <= 0.02
+
+
+@pytest.mark.parametrize("name", ["ftp-static", "ftp-random", "ftp-uniform"])
+def test_variants_hit_the_target_on_calibration_windows(tiny, name):
+    method = make_method(name, sparsity=0.3, preset="test", selection="topk", progress=False)
+    artifact = method.calibrate(tiny, None, _calibration())
+    assert abs(artifact["measured_compute_sparsity"] - 0.3) <= 0.02
+    if name == "ftp-uniform":
+        assert artifact["ga_best_fitness"] == [] and len(set(artifact["schedule"][1:])) == 1
+
+
+def test_registry_variants():
+    assert make_method("ftp").router == "learned" and make_method("ftp").selection == "argmax"
+    assert make_method("ftp-static").router == "static"
+    assert make_method("ftp-random").router == "random"
+    assert make_method("ftp-uniform").schedule == "uniform"
+    assert make_method("ftp-nopos").position_input is False
+    nosparsity = make_method("ftp-nosparsity")
+    assert nosparsity.sparsity_input is False and nosparsity.selection == "topk"
+    assert make_method("ftp", preset="paper").population == 32 and make_method("ftp", preset="paper").generations == 30
+    assert FTP.sequence_dependent and FTP.needs_calibration
+
+
+def test_bad_fields_raise_clear_errors():
+    from methods.base import MethodConfigError
+
+    with pytest.raises(MethodConfigError, match="preset"):
+        FTP(preset="fast")
+    with pytest.raises(MethodConfigError, match="selection"):
+        FTP(selection="sample")
+    with pytest.raises(MethodConfigError, match="holdout_windows"):
+        FTP(holdout_windows=2, fitness_windows=2, rescale_windows=2)
+
+
+@pytest.fixture
+def real_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                       num_hidden_layers=30, head_dim=64)
