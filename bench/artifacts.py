@@ -115,6 +115,14 @@ def find_artifact(name: str) -> Path | None:
     return None
 
 
+def artifact_exists(method: Method, model_id: str, seed: int = 0) -> bool:
+    """Whether a cached or committed artifact serves this method on this model (no calibration needed)."""
+    if not method.needs_calibration:
+        return True
+    key = artifact_key(model_id, method, CalibrationSettings.for_method(method, seed))
+    return find_artifact(_entry_name(method, key_hash(key))) is not None
+
+
 def ensure_calibrated(method: Method, model, tokenizer, model_id: str, seed: int = 0,
                       force: bool = False, save_to: Path | None = None) -> dict[str, Any]:
     """Load the method's artifact from a cache, or calibrate and cache it. Returns its meta (incl. key hash)."""

@@ -25,6 +25,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from bench.artifacts import artifact_exists
 from bench.errors import BenchError
 from bench.paths import REPO_ROOT
 
@@ -263,20 +264,13 @@ def plan(config: GateConfig) -> tuple[list[str], dict[str, str]]:
             skipped[gate.name] = f"cannot be built ({type(exc).__name__}: {exc})"
             continue
         if method.needs_calibration and not gate.calibrate_if_missing \
-                and not artifact_available(method, config.run.model, config.run.seed):
+                and not artifact_exists(method, config.run.model, config.run.seed):
             skipped[gate.name] = ("no calibration artifact cached or committed under methods/artifacts/, and the "
                                   "gate does not train it (calibrate_if_missing = false); run `python -m bench "
                                   f"calibrate --method {gate.name}` once")
             continue
         runnable.append(gate.name)
     return runnable, skipped
-
-
-def artifact_available(method, model_id: str, seed: int) -> bool:
-    from bench.artifacts import CalibrationSettings, _entry_name, artifact_key, find_artifact, key_hash
-
-    key = artifact_key(model_id, method, CalibrationSettings.for_method(method, seed))
-    return find_artifact(_entry_name(method, key_hash(key))) is not None
 
 
 def check_determinism(runner, task: str) -> dict[str, Any]:
