@@ -318,3 +318,21 @@ def test_padded_batches_and_bad_fields_raise(model):
     other.load_artifact(method.artifact)
     with pytest.raises(MethodConfigError, match="recalibrate"), other.apply(model):
         pass
+
+
+def test_eager_attention_gets_explicit_masks(model):
+    """Without SDPA's is_causal, the wrappers build the causal mask of the kept rows (and the decoding mask)."""
+    eager = tiny_llama(num_layers=8, attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    method = make_sdtp(model)
+    ids = prompt(seq_len=40, seed=9)
+    logits, real = kept_positions(model, method, ids)
+    eager_logits, eager_real = kept_positions(eager, method, ids)
+    assert eager_real.tolist() == real.tolist()
+    torch.testing.assert_close(eager_logits[real], logits[real], rtol=1e-4, atol=1e-4)
+    with method.apply(eager), torch.no_grad():
+        out = eager.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+        with prompt_length(40):
+            reference = eager(out[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)
+    assert out[0, 40:].tolist() == reference[0].tolist()
