@@ -27,6 +27,16 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return "\n".join([head, sep, *body])
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _label(method: str, target: float) -> str:
     return "dense" if method == "dense" else f"{method}@{target:g}"
 
@@ -38,13 +48,8 @@ def fig_retention(summary: pd.DataFrame, path: Path) -> None:
         err = np.vstack([g["retention"] - g["ret_lo"], g["ret_hi"] - g["retention"]])
         ax.errorbar(x, g["retention"] * 100, yerr=err * 100, marker="o", capsize=3, label=method)
     ax.axhline(100, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("measured compute sparsity (512-token probe)")
-    ax.set_ylabel("accuracy retention vs dense (%)")
-    ax.set_title("Accuracy retention (paired bootstrap 95% CI)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "measured compute sparsity (512-token probe)", "accuracy retention vs dense (%)",
+            "Accuracy retention (paired bootstrap 95% CI)")
 
 
 def fig_task_accuracy(rows: pd.DataFrame, path: Path) -> None:
@@ -72,13 +77,8 @@ def fig_perplexity(summary: pd.DataFrame, path: Path) -> None:
     for method, g in summary[summary["method"] != "dense"].groupby("method"):
         ax.plot(g["sparsity@512"].fillna(g["target"]), g["ppl"], marker="o", label=method)
     ax.set_yscale("log")
-    ax.set_xlabel("measured compute sparsity (512-token probe)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_title("Perplexity vs sparsity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "measured compute sparsity (512-token probe)", "WikiText-2 perplexity",
+            "Perplexity vs sparsity")
 
 
 def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
@@ -89,13 +89,8 @@ def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
         ax.annotate(_label(r["method"], r["target"]), (1 / r["flops_ratio"], r["prefill_speedup"]), fontsize=7)
     lim = max([1.5, *(1 / g["flops_ratio"]).tolist(), *g["prefill_speedup"].tolist()]) * 1.05
     ax.plot([1, lim], [1, lim], color="grey", ls="--", lw=0.8, label="speedup = FLOPs reduction")
-    ax.set_xlabel("FLOPs reduction (dense ÷ pruned decoder FLOPs)")
-    ax.set_ylabel("measured prefill speedup (interleaved)")
-    ax.set_title("FLOPs reduction vs measured speedup")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "FLOPs reduction (dense ÷ pruned decoder FLOPs)", "measured prefill speedup (interleaved)",
+            "FLOPs reduction vs measured speedup")
 
 
 def write_report(results: str, out: str) -> list[Path]:

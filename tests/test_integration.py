@@ -25,6 +25,7 @@ def test_shortgpt_run_on_real_model(tmp_path, real_model):
     model, tokenizer = real_model
     config = RunConfig(methods=["shortgpt"], sparsities=[0.25], tasks=["piqa"], limit=24,
                        results=str(tmp_path / "results"), ppl_windows=2, latency_repeats=1, decode_tokens=2,
+                       latency_seq_len=128,
                        progress=False)
     runner = Runner(config, model=model, tokenizer=tokenizer)
     runner.run()
