@@ -33,10 +33,6 @@ class FlopReport:
     lm_head: int  # excluded from the decoder count
     decoder: int  # total - lm_head: decoder blocks, plus any router/predictor a method runs
 
-    @property
-    def as_dict(self) -> dict[str, int]:
-        return {"total": self.total, "lm_head": self.lm_head, "decoder": self.decoder}
-
 
 def count_flops(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> FlopReport:
     """Runs one forward under FlopCounterMode and splits off the LM head (embeddings cost no FLOPs)."""

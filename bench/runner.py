@@ -9,7 +9,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
@@ -261,12 +261,3 @@ class Runner:
             {**base, "metric": "params", "value": float(params)},
         ]
 
-
-def run(config: RunConfig) -> tuple[Runner, list[str]]:
-    runner = Runner(config)
-    cells = runner.run()
-    return runner, cells
-
-
-def config_dict(config: RunConfig) -> dict[str, Any]:
-    return asdict(config)
