@@ -34,17 +34,23 @@ Block = tuple[str, int]  # (kind, layer index): ("mha", 25) is layer 25's attent
 
 
 # --- the two sub-blocks of a decoder layer --------------------------------------------------------------------
+def sandwich_norms(layer: nn.Module) -> bool:
+    """Gemma-style layers norm each branch's output too (post_attention_layernorm belongs to attention, and the MLP
+    has pre/post feed-forward norms); LLaMA-style layers norm only the branch inputs."""
+    return getattr(layer, "sandwich_norms", hasattr(layer, "pre_feedforward_layernorm"))
+
+
 def attention_block(layer: nn.Module, hidden_states: torch.Tensor, **attention_kwargs: Any) -> torch.Tensor:
     """h + Attn(norm(h)); Gemma-style layers also norm the branch output (post_attention_layernorm)."""
     branch, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **attention_kwargs)
-    if hasattr(layer, "pre_feedforward_layernorm"):
+    if sandwich_norms(layer):
         branch = layer.post_attention_layernorm(branch)
     return hidden_states + branch
 
 
 def mlp_block(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """h + MLP(norm(h)), with Gemma's pre/post feed-forward norms where the layer has them."""
-    if hasattr(layer, "pre_feedforward_layernorm"):
+    if sandwich_norms(layer):
         return hidden_states + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden_states)))
     return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
 
@@ -63,14 +69,29 @@ def _mark_attention_free(cache: Any, layer_idx: int) -> None:
         cache.layers[layer_idx] = DummyLayer()
 
 
+def block_parts(layer: nn.Module, kind: str) -> tuple[str, ...]:
+    """Names of the layer's sub-modules that belong to one block ("mha" or "mlp"), norms included."""
+    if kind == "mha":
+        return ("input_layernorm", "self_attn") + (("post_attention_layernorm",) if sandwich_norms(layer) else ())
+    if sandwich_norms(layer):
+        return ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")
+    return ("post_attention_layernorm", "mlp")
+
+
 class BlockPrunedDecoderLayer(nn.Module):
-    """Stands in for a decoder layer with the same call signature, skipping its removed block(s)."""
+    """Stands in for a decoder layer with the same call signature. It holds only the sub-modules of the blocks it
+    keeps, so a removed block's weights are not reachable from the pruned model (they are counted out of `params`)."""
 
     def __init__(self, layer: nn.Module, attention_removed: bool, mlp_removed: bool) -> None:
         super().__init__()
-        self.layer = layer
         self.attention_removed = attention_removed
         self.mlp_removed = mlp_removed
+        self.layer_idx = layer.self_attn.layer_idx
+        self.sandwich_norms = sandwich_norms(layer)
+        kept = [kind for kind, removed in (("mha", attention_removed), ("mlp", mlp_removed)) if not removed]
+        for kind in kept:
+            for name in block_parts(layer, kind):
+                setattr(self, name, getattr(layer, name))
         if hasattr(layer, "attention_type"):  # some models pick the mask by the layer's attention type
             self.attention_type = layer.attention_type
         self._inherit_forward_hooks(layer)
@@ -88,14 +109,14 @@ class BlockPrunedDecoderLayer(nn.Module):
                 **kwargs: Any) -> torch.Tensor:
         if self.attention_removed:
             if past_key_values is not None:
-                _mark_attention_free(past_key_values, self.layer.self_attn.layer_idx)
+                _mark_attention_free(past_key_values, self.layer_idx)
         else:
             hidden_states = attention_block(
-                self.layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
                 **kwargs)
         if not self.mlp_removed:
-            hidden_states = mlp_block(self.layer, hidden_states)
+            hidden_states = mlp_block(self, hidden_states)
         return hidden_states
 
     def extra_repr(self) -> str:
@@ -147,15 +168,7 @@ def prefix_compute_sparsity(order: Sequence[Block], shares: dict[str, float]) ->
 
 
 def _block_parameters(layer: nn.Module, kind: str) -> int:
-    if kind == "mha":
-        modules = [layer.self_attn, layer.input_layernorm]
-        if hasattr(layer, "pre_feedforward_layernorm"):
-            modules.append(layer.post_attention_layernorm)
-    else:
-        modules = [layer.mlp]
-        modules += ([layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
-                    if hasattr(layer, "pre_feedforward_layernorm") else [layer.post_attention_layernorm])
-    return sum(p.numel() for m in modules for p in m.parameters())
+    return sum(p.numel() for name in block_parts(layer, kind) for p in getattr(layer, name).parameters())
 
 
 # --- the search -----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.efficiency import parameter_count
 from bench.flops import LayerFlopCoefficients, count_flops
 from bench.models import tiny_llama
 from methods import make_method
@@ -170,6 +171,19 @@ def test_apply_restores_dense_model_exactly(model, calibration):
     assert all(a is b for a, b in zip(model.model.layers, layers_before, strict=True))
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, dense_logits)
+
+
+def test_removed_blocks_weights_leave_the_model(model):
+    """`params` must shrink by exactly the removed sub-blocks (norm included), not stay at the dense count."""
+    layers = model.model.layers
+    dense = parameter_count(model)
+    attention = sum(p.numel() for m in (layers[1].self_attn, layers[1].input_layernorm) for p in m.parameters())
+    mlp = sum(p.numel() for m in (layers[3].mlp, layers[3].post_attention_layernorm) for p in m.parameters())
+    removed_weights = (layers[1].self_attn.q_proj.weight, layers[3].mlp.up_proj.weight)
+    with removed_blocks(model, [("mha", 1), ("mlp", 3)]):
+        assert parameter_count(model) == dense - attention - mlp
+        assert not any(p is w for p in model.parameters() for w in removed_weights)
+    assert parameter_count(model) == dense
 
 
 def test_hidden_state_outputs_keep_one_entry_per_layer(model):
