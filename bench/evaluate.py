@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from bench.flops import count_flops  # noqa: E402
+from bench.tasks import quiet_expected_lm_eval_messages  # noqa: E402
 from methods.base import scoring  # noqa: E402
 
 FLOP_PROBES_PER_TASK = 16
@@ -129,7 +130,8 @@ class BenchLM(HFLM):
 
     def __init__(self, model, tokenizer, batch_size: int = 16, sequence_dependent: bool = False,
                  progress: bool = True, max_batch_tokens: int = 4096):
-        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        with quiet_expected_lm_eval_messages():
+            super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.sequence_dependent = sequence_dependent
         self.progress = progress
         self.max_batch_tokens = max_batch_tokens

@@ -310,24 +310,36 @@ def task_config(name: str) -> dict[str, Any]:
     return config
 
 
-def _is_custom_dataset_advice(record: logging.LogRecord) -> bool:
-    """False for lm-eval's per-task advice on passing --metadata to a custom_dataset, which does not apply here."""
-    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+# lm-eval messages that are expected in how bench drives it, and only clutter a run's output: the advice on
+# passing --metadata to a custom_dataset, the built-in YAMLs leaving aggregation/higher_is_better to their
+# defaults, and HFLM noting that it was handed an already-loaded model (which is the point of BenchLM).
+EXPECTED_LM_EVAL_MESSAGES: dict[str, tuple[str, ...]] = {
+    "lm_eval.api.task": ("Custom kwargs can be passed to `--metadata`", "is defined, but aggregation is not",
+                         "is defined, but higher_is_better is not"),
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
+                                   "Passed an already-initialized model through `pretrained`"),
+}
 
 
 @contextlib.contextmanager
-def _quiet_custom_dataset_advice():
-    logger = logging.getLogger("lm_eval.api.task")
-    logger.addFilter(_is_custom_dataset_advice)
+def quiet_expected_lm_eval_messages():
+    """Drop the messages in EXPECTED_LM_EVAL_MESSAGES while inside; every other lm-eval message passes."""
+    filters = []
+    for name, fragments in EXPECTED_LM_EVAL_MESSAGES.items():
+        def keep(record: logging.LogRecord, fragments=fragments) -> bool:
+            return not any(fragment in record.getMessage() for fragment in fragments)
+        logging.getLogger(name).addFilter(keep)
+        filters.append((name, keep))
     try:
         yield
     finally:
-        logger.removeFilter(_is_custom_dataset_advice)
+        for name, keep in filters:
+            logging.getLogger(name).removeFilter(keep)
 
 
 def build_task_dict(names: list[str]) -> dict[str, Any]:
     """{name: lm_eval ConfigurableTask} for `lm_eval.evaluator.evaluate(lm=..., task_dict=...)`."""
     from lm_eval.api.task import ConfigurableTask
 
-    with _quiet_custom_dataset_advice():
+    with quiet_expected_lm_eval_messages():
         return {name: ConfigurableTask(config=task_config(name)) for name in resolve_tasks(names)}

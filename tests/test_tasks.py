@@ -290,3 +290,19 @@ def test_flipped_byte_in_compressed_file_is_caught(data_copy):
     path.write_bytes(bytes(raw))
     with pytest.raises(BenchError, match="corrupt"):
         tasks.build_task_dict(["piqa"])
+
+
+def test_only_expected_lm_eval_messages_are_dropped(caplog):
+    """The filter hides lm-eval's expected notices (built-in YAML defaults) but lets any other warning through."""
+    import logging
+
+    logger = logging.getLogger("lm_eval.api.task")
+    with caplog.at_level(logging.WARNING, logger="lm_eval.api.task"):
+        with tasks.quiet_expected_lm_eval_messages():
+            tasks.build_task_dict(["boolq"])
+            logger.warning("an unexpected lm-eval warning")
+        logger.warning("[Task: x] metric acc is defined, but aggregation is not. outside the filter")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "an unexpected lm-eval warning" in messages
+    assert [m for m in messages if "aggregation is not" in m] == [
+        "[Task: x] metric acc is defined, but aggregation is not. outside the filter"]
