@@ -1,5 +1,5 @@
-"""Latency and memory probes. Dense and pruned are timed interleaved in one process (dense, pruned, dense,
-...) so their ratio is stable on a noisy machine. GPU: CUDA events after warm-up with explicit syncs; CPU:
+"""Latency and memory probes. Dense and pruned are timed interleaved in one process (dense, pruned, pruned,
+dense, ...) so their ratio is stable on a noisy machine. GPU: CUDA events after warm-up with explicit syncs; CPU:
 perf_counter with the thread count pinned and recorded."""
 
 from __future__ import annotations
@@ -80,12 +80,14 @@ class LatencyResult:
 
 def interleaved_latency(model, pruned: Callable[[], AbstractContextManager], input_ids: torch.Tensor,
                         repeats: int = 5, warmup: int = 1, new_tokens: int = 16) -> tuple[LatencyResult, LatencyResult]:
-    """(dense, pruned) prefill seconds and decode tokens/s, alternating dense and pruned on every repeat."""
+    """(dense, pruned) prefill seconds and decode tokens/s, alternating dense and pruned in ABBA order (dense
+    first on even repeats, pruned first on odd ones), so whatever the slot right after the other model's decode
+    costs falls on both equally."""
     device = input_ids.device
     timer = Timer(device)
     dense_p, dense_d, pruned_p, pruned_d = [], [], [], []
     for rep in range(warmup + repeats):
-        for is_pruned in (False, True):
+        for is_pruned in ((False, True) if rep % 2 == 0 else (True, False)):
             if is_pruned:
                 with pruned() as m:
                     p = timer(lambda m=m: prefill(m, input_ids))
