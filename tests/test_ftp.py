@@ -120,7 +120,12 @@ def test_executed_flops_match_the_analytic_count(tiny, kind, selection):
         counts = [int(ctl.last_decisions[i].sum()) for i in range(6)]
     routed_blocks = sum(1 for s in SCHEDULE[1:] if s > 0)
     router_flops = routed_blocks * ids.shape[1] * (2 * 4 * 64 + 2 * 64 * 2) if kind == "learned" else 0
-    assert measured == sum(coeff.layer(n) for n in counts) + router_flops
+    # the learned router's attention-score table: a weighted column sum over H·n·n probabilities (a matmul,
+    # 2·H·n·n), in every block but the last (no later block reads it)
+    heads = tiny.config.num_attention_heads
+    table_flops = sum(2 * heads * n * n for n in counts[:-1]) if kind == "learned" else 0
+    assert measured == sum(coeff.layer(n) for n in counts) + router_flops + table_flops
+    assert ctl.stats.executed_flops + ctl.stats.router_flops == measured
     assert counts[0] == 48 and min(counts) < 48
     if selection == "topk":
         assert counts == [math.ceil((1 - s) * 48 - 1e-9) for s in SCHEDULE]
@@ -173,6 +178,51 @@ def test_attention_score_table_is_one_under_uniform_attention():
     visible = causal_visibility(n, n, torch.device("cpu"))
     probs = (visible.float() / visible.sum(-1, keepdim=True))[None, None].expand(1, 3, n, n)
     torch.testing.assert_close(attention_received(probs, visible[None]), torch.ones(1, n))
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
+def test_probability_attention_equals_sdpa(mask_kind):
+    """The eager path that returns probabilities (grouped-query matmuls, no repeat_kv) gives SDPA's output, and
+    its probabilities are zero wherever the mask hides a key."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from methods.ftp.attention import causal_visibility, ftp_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, n, dim = 2, 6, 2, 9, 8
+    query = torch.randn(batch, n, heads, dim, generator=g).transpose(1, 2)  # the layout attention modules pass
+    key, value = (torch.randn(batch, kv_heads, n, dim, generator=g) for _ in range(2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    visible = causal_visibility(n, n, torch.device("cpu"))[None, None].expand(batch, 1, n, n).clone()
+    visible[0, :, :, :3] = False  # row 0: three padding keys
+    visible[0, :, :3, 0] = True  # ... whose own queries see one key, as transformers' masks do
+    mask = {"causal": None, "bool": visible,
+            "additive": torch.zeros(batch, 1, n, n).masked_fill(~visible, torch.finfo(torch.float32).min)}[mask_kind]
+    reference = visible if mask_kind != "causal" else None
+    expected, _ = sdpa_attention_forward(module, query, key, value, reference, is_causal=mask_kind == "causal")
+    out, probs = ftp_attention_forward(module, query, key, value, mask, ftp_need_probs=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    hidden = ~(visible if mask_kind != "causal" else causal_visibility(n, n, torch.device("cpu"))[None, None])
+    assert probs.masked_select(hidden.expand_as(probs)).abs().max() == 0
+
+
+def test_attention_received_equals_its_definition():
+    """Weighted column sums equal the definition: mean over heads and over the queries that see the key of
+    P(q, k) · (keys q sees), with padding queries left out."""
+    from methods.ftp.attention import attention_received, causal_visibility
+
+    n, heads = 8, 3
+    valid = torch.tensor([[False, False, True, True, True, True, True, True], [True] * n])
+    visible = causal_visibility(n, n, torch.device("cpu"))[None] & valid[:, None, :] & valid[:, :, None]
+    logits = torch.randn(2, heads, n, n, generator=torch.Generator().manual_seed(3))
+    probs = torch.softmax(logits.masked_fill(~visible[:, None], float("-inf")), -1).nan_to_num(0.0)
+    probs[0, :, :2] = 1.0 / n  # padding queries attend somewhere; they must not count
+    v = visible.float()
+    definition = (probs.mean(1) * v.sum(-1, keepdim=True) * v).sum(-2) / v.sum(-2).clamp(min=1)
+    torch.testing.assert_close(attention_received(probs, visible), definition)
+    causal = torch.softmax(logits.masked_fill(~causal_visibility(n, n, torch.device("cpu")), float("-inf")), -1)
+    torch.testing.assert_close(attention_received(causal), attention_received(causal, causal_visibility(n, n, "cpu")[None]))
 
 
 def test_padded_rows_match_unpadded_rows(tiny):

@@ -108,6 +108,11 @@ class RoutingController:
     def needs_table(self) -> bool:
         return self.kind == "learned" and self.mode != "dense"
 
+    def table_read_after(self, index: int) -> bool:
+        """Does a block after `index` run the router (and so read the attention-score table)? Blocks with s_i = 0
+        compute every token without asking it."""
+        return self.needs_table and any(s > 0 for s in self.schedule[index + 1:])
+
     def reset_stats(self) -> None:
         self.stats = RoutingStats.empty(self.num_layers)
 
@@ -209,6 +214,12 @@ class RoutingController:
         return gate, gate.detach() > 0.5
 
     # -- accounting -----------------------------------------------------------------------------------------
+    def account_table(self, probs: torch.Tensor) -> None:
+        """The attention-score table's refresh is router cost. Counted the way FlopCounterMode counts every FLOP
+        here, matrix products only: attention_received takes one weighted column sum over the [B, H·n, m]
+        probabilities, 2·B·H·n·m FLOPs."""
+        self.stats.router_flops += 2 * probs.numel()
+
     def account_prefill(self, index: int, compute: torch.Tensor) -> None:
         self.last_decisions[index] = compute
         valid = self.valid
@@ -258,7 +269,7 @@ class RoutedDecoderLayer(nn.Module):
 
     def _needs_probs(self) -> bool:
         """Refresh the table only where a later block will read it."""
-        return self.controller.needs_table and self.index < self.controller.num_layers - 1
+        return self.controller.table_read_after(self.index)
 
     # -- inference: prefill --------------------------------------------------------------------------------
     def _prefill(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, call: dict) -> torch.Tensor:
@@ -273,6 +284,7 @@ class RoutedDecoderLayer(nn.Module):
                 length = hidden.shape[1]
                 visible = causal_visibility(length, length, hidden.device)[None] & valid[:, None, :] & valid[:, :, None]
                 ctl.table = attention_received(probs, visible).detach().float()
+                ctl.account_table(probs)
             ctl.account_prefill(0, compute)
             return out
         compute = ctl.prefill_decision(self.index)
@@ -281,7 +293,8 @@ class RoutedDecoderLayer(nn.Module):
             out, probs = self._run(hidden, attention_mask, call, need)
             if need:
                 length = hidden.shape[1]
-                ctl.table = attention_received(probs, causal_visibility(length, length, hidden.device)[None]).float()
+                ctl.table = attention_received(probs).float()
+                ctl.account_table(probs)
             return out
         counts = compute.sum(-1)
         if not bool(counts.any()):
@@ -313,8 +326,9 @@ class RoutedDecoderLayer(nn.Module):
         out_sub, probs = self._run(_take(hidden, index), None, sub_call, need)
         out = hidden.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), out_sub)
         if need:
-            received = attention_received(probs, causal_visibility(count, count, hidden.device)[None]).float()
+            received = attention_received(probs).float()
             ctl.table[rows] = ctl.table[rows].scatter(1, index, received)
+            ctl.account_table(probs)
         return out
 
     # -- inference: one-token decoding ----------------------------------------------------------------------
@@ -339,7 +353,7 @@ class RoutedDecoderLayer(nn.Module):
     def _simulate(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, call: dict) -> torch.Tensor:
         """h + g·Δ with skipped tokens' keys masked for the other tokens (a token still sees itself)."""
         ctl = self.controller
-        need = ctl.needs_table and self.index < ctl.num_layers - 1
+        need = self._needs_probs()
         valid = ctl.valid
         length = hidden.shape[1]
         gate, hard = ctl.simulated_gate(self.index)
