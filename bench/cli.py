@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", help="the tidy rows to stdout")
     p.add_argument("--results", default="results")
     p.add_argument("--format", choices=["csv", "markdown"], default="csv")
+    p.add_argument("--summary", action="store_true",
+                   help="print the per-method summary and the method-vs-method retention differences instead")
 
     p = sub.add_parser("calibrate", help="run or load a method's calibration and print its artifact")
     _add_model_args(p)
@@ -145,7 +147,15 @@ def cmd_report(args) -> int:
 def cmd_table(args) -> int:
     from bench.store import Store
 
-    rows = Store(args.results).load_rows()
+    store = Store(args.results)
+    rows = store.load_rows()
+    if args.summary:
+        from bench.summary import format_pairwise, format_summary, pairwise_differences, summarize
+
+        print(format_summary(summarize(rows, store)))
+        print()
+        print(format_pairwise(pairwise_differences(rows, store)))
+        return 0
     if args.format == "csv":
         rows.to_csv(sys.stdout, index=False)
     else:

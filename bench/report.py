@@ -12,7 +12,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.store import Store  # noqa: E402
-from bench.summary import accuracy_rows, format_summary, summarize  # noqa: E402
+from bench.summary import (  # noqa: E402
+    accuracy_rows,
+    format_pairwise,
+    format_summary,
+    pairwise_differences,
+    summarize,
+)
 
 
 def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
@@ -134,6 +140,16 @@ def write_report(results: str, out: str) -> list[Path]:
         "",
         "```",
         format_summary(summary),
+        "```",
+        "",
+        "## Method against method",
+        "",
+        "Retention of A minus retention of B at the same target sparsity, on the items both were scored on, with a "
+        "95% CI from one paired bootstrap (the same resampled items for dense, A and B). `significant` = the CI "
+        "excludes 0.",
+        "",
+        "```",
+        format_pairwise(pairwise_differences(rows, store)),
         "```",
         "",
         "## Per-task accuracy",

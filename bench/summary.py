@@ -27,33 +27,60 @@ def _item_scores(store: Store, cell: str, metric: str) -> dict[int, float]:
     return {s["doc_id"]: s[metric] for s in store.load_samples(cell) if metric in s}
 
 
-def paired_retention(store: Store, dense_cells: dict[str, str], pruned_cells: dict[str, str],
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Retention = mean over tasks of pruned accuracy ÷ the same for dense, on the same items; CI by resampling
-    items within each task (the same resample for both models: paired)."""
-    rng = np.random.default_rng(seed)
-    dense_means, pruned_means = [], []
-    dense_boot, pruned_boot = [], []
-    for task, pcell in pruned_cells.items():
-        if task not in dense_cells:
+def _aligned_items(store: Store, dense_cells: dict[str, str], *method_cells: dict[str, str]):
+    """Per task present for dense and every method: (dense scores, [scores per method]) on the common items."""
+    for task in method_cells[0]:
+        if task not in dense_cells or not all(task in cells for cells in method_cells):
             continue
         metric = primary_metric(task)
-        d, p = _item_scores(store, dense_cells[task], metric), _item_scores(store, pcell, metric)
-        ids = sorted(set(d) & set(p))
-        if not ids:
-            continue
-        dv, pv = np.array([d[i] for i in ids]), np.array([p[i] for i in ids])
-        dense_means.append(dv.mean())
-        pruned_means.append(pv.mean())
-        idx = rng.integers(0, len(ids), size=(BOOTSTRAP_SAMPLES, len(ids)))
-        dense_boot.append(dv[idx].mean(axis=1))
-        pruned_boot.append(pv[idx].mean(axis=1))
+        scores = [_item_scores(store, cells[task], metric) for cells in (dense_cells, *method_cells)]
+        ids = sorted(set.intersection(*(set(s) for s in scores)))
+        if ids:
+            arrays = [np.array([s[i] for i in ids]) for s in scores]
+            yield arrays[0], arrays[1:]
+
+
+def _bootstrap_retentions(store: Store, dense_cells: dict[str, str], method_cells: list[dict[str, str]],
+                          seed: int) -> tuple[list[float], np.ndarray] | None:
+    """(retention per method, bootstrap retentions [methods, samples]). Items are resampled within each task,
+    the same resample for dense and every method (paired)."""
+    rng = np.random.default_rng(seed)
+    dense_means, means, dense_boot, boots = [], [], [], []
+    for dense, methods in _aligned_items(store, dense_cells, *method_cells):
+        idx = rng.integers(0, len(dense), size=(BOOTSTRAP_SAMPLES, len(dense)))
+        dense_means.append(dense.mean())
+        dense_boot.append(dense[idx].mean(axis=1))
+        means.append([m.mean() for m in methods])
+        boots.append([m[idx].mean(axis=1) for m in methods])
     if not dense_means:
+        return None
+    retention = list(np.mean(means, axis=0) / np.mean(dense_means))
+    boot = np.mean(boots, axis=0) / np.maximum(np.mean(dense_boot, axis=0), 1e-12)
+    return retention, boot
+
+
+def paired_retention(store: Store, dense_cells: dict[str, str], pruned_cells: dict[str, str],
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Retention = mean over tasks of pruned accuracy ÷ the same for dense, on the same items; 95% CI by a
+    paired bootstrap over items."""
+    result = _bootstrap_retentions(store, dense_cells, [pruned_cells], seed)
+    if result is None:
         return float("nan"), float("nan"), float("nan")
-    retention = float(np.mean(pruned_means) / np.mean(dense_means))
-    ratios = np.mean(pruned_boot, axis=0) / np.maximum(np.mean(dense_boot, axis=0), 1e-12)
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return retention, float(lo), float(hi)
+    (retention,), boot = result
+    lo, hi = np.percentile(boot[0], [2.5, 97.5])
+    return float(retention), float(lo), float(hi)
+
+
+def retention_difference(store: Store, dense_cells: dict[str, str], a_cells: dict[str, str],
+                         b_cells: dict[str, str], seed: int = 0) -> tuple[float, float, float]:
+    """Retention of A minus retention of B on the tasks and items all three share, with a 95% CI from one paired
+    bootstrap (the same resampled items for dense, A and B). A CI that excludes 0 is a significant difference."""
+    result = _bootstrap_retentions(store, dense_cells, [a_cells, b_cells], seed)
+    if result is None:
+        return float("nan"), float("nan"), float("nan")
+    (ra, rb), boot = result
+    lo, hi = np.percentile(boot[0] - boot[1], [2.5, 97.5])
+    return float(ra - rb), float(lo), float(hi)
 
 
 def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
@@ -92,6 +119,39 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         frame["_dense"] = frame["method"] != "dense"
         frame = frame.sort_values(["_dense", "method", "target"]).drop(columns="_dense").reset_index(drop=True)
     return frame
+
+
+def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
+    """Every ordered pair of pruned methods run at the same (model, target sparsity, seed, device, dtype):
+    retention(A) − retention(B) with its paired-bootstrap 95% CI, and whether the CI excludes 0."""
+    acc = accuracy_rows(rows)
+    out = []
+    for key, group in acc.groupby(["model", "target_sparsity", "seed", "device", "dtype"], dropna=False, sort=True):
+        model, target, seed, device, dtype = key
+        same = (acc["model"] == model) & (acc["seed"] == seed) & (acc["device"] == device) & (acc["dtype"] == dtype)
+        dense = acc[same & (acc["method"] == "dense")]
+        dense_cells = dict(zip(dense["task"], dense["cell"], strict=False))
+        cells = {m: dict(zip(g["task"], g["cell"], strict=False)) for m, g in group.groupby("method")
+                 if m != "dense"}
+        names = sorted(cells)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                diff, lo, hi = retention_difference(store, dense_cells, cells[a], cells[b], seed=int(seed))
+                if np.isfinite(diff):
+                    out.append({"model": model, "target": target, "a": a, "b": b, "retention_a_minus_b": diff,
+                                "lo": lo, "hi": hi, "significant": bool(lo > 0 or hi < 0)})
+    return pd.DataFrame(out)
+
+
+def format_pairwise(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(fewer than two pruned methods at one sparsity)"
+    shown = frame.copy()
+    shown["A − B (95% CI)"] = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                               for d, lo, hi in zip(shown["retention_a_minus_b"], shown["lo"], shown["hi"], strict=True)]
+    shown["significant"] = shown["significant"].map({True: "yes", False: "no"})
+    return shown[["target", "a", "b", "A − B (95% CI)", "significant"]].to_string(
+        index=False, float_format=lambda v: f"{v:.3f}")
 
 
 def format_summary(frame: pd.DataFrame) -> str:
