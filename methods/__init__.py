@@ -21,6 +21,7 @@ _REGISTRY: dict[str, tuple[str, dict]] = {
     "ftp-random": ("methods.ftp:FTP", {"router": "random"}),
     "ftp-nopos": ("methods.ftp:FTP", {"position_input": False}),
     "ftp-nosparsity": ("methods.ftp:FTP", {"sparsity_input": False, "selection": "topk"}),
+    "ftp-topk": ("methods.ftp:FTP", {"selection": "topk"}),
 }
 
 

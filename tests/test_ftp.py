@@ -409,6 +409,7 @@ def test_registry_variants():
     assert make_method("ftp-nopos").position_input is False
     nosparsity = make_method("ftp-nosparsity")
     assert nosparsity.sparsity_input is False and nosparsity.selection == "topk"
+    assert make_method("ftp-topk").selection == "topk" and make_method("ftp-topk").router == "learned"
     assert make_method("ftp", preset="paper").population == 32 and make_method("ftp", preset="paper").generations == 30
     assert FTP.sequence_dependent and FTP.needs_calibration
 

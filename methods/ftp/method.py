@@ -17,7 +17,8 @@ Each budget field can still be set by hand; the preset only fills the ones left 
 
 Variants (registry): ftp-static (static router only), ftp-uniform (uniform schedule, no search), ftp-random
 (random skipping at the searched schedule), ftp-nopos / ftp-nosparsity (router without that input; ftp-nosparsity
-uses top-k budgets, since without the sparsity input rescaling the schedule cannot move an argmax router).
+uses top-k budgets, since without the sparsity input rescaling the schedule cannot move an argmax router), ftp-topk
+(the learned router with exact top-k budgets instead of argmax: the matched-sparsity reading on any text).
 
 Evaluation: routing depends on the whole sequence, so the evaluator must send unpadded rows (`sequence_dependent`).
 Padding, if present, is never computed in blocks 1..L-1 and never counts toward a budget. Cached generation works
