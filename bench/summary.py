@@ -83,19 +83,22 @@ def retention_difference(store: Store, dense_cells: dict[str, str], a_cells: dic
     return float(ra - rb), float(lo), float(hi)
 
 
+def _dense_accuracy(acc: pd.DataFrame, model, seed, device, dtype, limits: set) -> pd.DataFrame:
+    """The dense reference's accuracy rows for one setup (model, seed, device, dtype) at these item limits."""
+    same = (acc["model"] == model) & (acc["seed"] == seed) & (acc["device"] == device) & (acc["dtype"] == dtype)
+    return acc[same & (acc["method"] == "dense") & acc["limit"].isin(limits)]
+
+
 def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
     """One line per (model, method, target sparsity) found in `rows`."""
     out = []
     group_keys = ["model", "method", "target_sparsity", "seed", "device", "dtype"]
+    all_acc = accuracy_rows(rows)
     for key, group in rows.groupby(group_keys, dropna=False, sort=False):
         model, method, target, seed, device, dtype = key
-        same_setup = (rows["model"] == model) & (rows["seed"] == seed) & (rows["device"] == device) \
-            & (rows["dtype"] == dtype)
-        dense_rows = rows[same_setup & (rows["method"] == "dense")]
         g_acc = accuracy_rows(group)
-        d_acc = accuracy_rows(dense_rows)
-        limits = set(g_acc["limit"].dropna().tolist())
-        d_acc = d_acc[d_acc["limit"].isin(limits) & d_acc["task"].isin(g_acc["task"])] if len(d_acc) else d_acc
+        d_acc = _dense_accuracy(all_acc, model, seed, device, dtype, set(g_acc["limit"].dropna()))
+        d_acc = d_acc[d_acc["task"].isin(g_acc["task"])]
         pruned_cells = dict(zip(g_acc["task"], g_acc["cell"], strict=False))
         dense_cells = dict(zip(d_acc["task"], d_acc["cell"], strict=False))
         retention, lo, hi = paired_retention(store, dense_cells, pruned_cells, seed=int(seed))
@@ -122,14 +125,14 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
 
 
 def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
-    """Every ordered pair of pruned methods run at the same (model, target sparsity, seed, device, dtype):
+    """Every ordered pair of pruned methods run at the same (model, target sparsity, seed, device, dtype, limit):
     retention(A) − retention(B) with its paired-bootstrap 95% CI, and whether the CI excludes 0."""
     acc = accuracy_rows(rows)
     out = []
-    for key, group in acc.groupby(["model", "target_sparsity", "seed", "device", "dtype"], dropna=False, sort=True):
-        model, target, seed, device, dtype = key
-        same = (acc["model"] == model) & (acc["seed"] == seed) & (acc["device"] == device) & (acc["dtype"] == dtype)
-        dense = acc[same & (acc["method"] == "dense")]
+    keys = ["model", "target_sparsity", "seed", "device", "dtype", "limit"]
+    for key, group in acc.groupby(keys, dropna=False, sort=True):
+        model, target, seed, device, dtype, limit = key
+        dense = _dense_accuracy(acc, model, seed, device, dtype, {limit})
         dense_cells = dict(zip(dense["task"], dense["cell"], strict=False))
         cells = {m: dict(zip(g["task"], g["cell"], strict=False)) for m, g in group.groupby("method")
                  if m != "dense"}
