@@ -150,7 +150,15 @@ def cmd_table(args) -> int:
     store = Store(args.results)
     rows = store.load_rows()
     if args.summary:
-        from bench.summary import format_pairwise, format_summary, pairwise_differences, summarize
+        from bench.summary import (
+            current_rows,
+            format_pairwise,
+            format_summary,
+            pairwise_differences,
+            summarize,
+        )
+
+        rows = current_rows(rows)
 
         print(format_summary(summarize(rows, store)))
         print()

@@ -123,10 +123,14 @@ def gate_records(rows, summary) -> dict[str, dict[str, Any]]:
         group = rows[rows["method"] == method]
         acc = accuracy_rows(group)
         eff = group[group["task"] == "efficiency"].set_index("metric")["value"]
-        ppl = group[(group["task"] == "wikitext2") & (group["metric"] == "ppl")]
+        wiki = group[group["task"] == "wikitext2"]
+        ppl = wiki[wiki["metric"] == "ppl"]
+        every_window = wiki[wiki["metric"] == "compute_sparsity"]
         sparsity = {task: _number(s) for task, s in zip(acc["task"], acc["measured_sparsity"], strict=True)}
         if len(ppl):
             sparsity["wikitext2"] = _number(ppl["measured_sparsity"].iloc[0])
+        if len(every_window):
+            sparsity["wikitext2 every window"] = _number(every_window["value"].iloc[0])
         if "compute_sparsity" in eff:
             sparsity["efficiency"] = _number(eff["compute_sparsity"])
         records[method] = {

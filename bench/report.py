@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 from bench.store import Store  # noqa: E402
 from bench.summary import (  # noqa: E402
     accuracy_rows,
+    current_rows,
     format_pairwise,
     format_summary,
     pairwise_differences,
@@ -101,7 +102,9 @@ def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
 
 def write_report(results: str, out: str) -> list[Path]:
     store = Store(results)
-    rows = store.load_rows()
+    stored = store.load_rows()
+    rows = current_rows(stored)
+    superseded = stored["cell"].nunique() - rows["cell"].nunique()
     summary = summarize(rows, store)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,14 +129,17 @@ def write_report(results: str, out: str) -> list[Path]:
     text = [
         "# Pruning benchmark report",
         "",
-        f"Generated from `{results}/` ({len(rows)} rows, {rows['cell'].nunique()} cells). Model(s): {models}. "
+        f"Generated from `{results}/` ({len(rows)} rows, {rows['cell'].nunique()} cells; {superseded} older cells "
+        f"superseded by a newer one of the same method, sparsity, task and limit). Model(s): {models}. "
         f"Items per task (limit): {limits}. Code: {commits}.",
         "",
         "## Summary",
         "",
         "Retention = mean primary accuracy (acc_norm where the task defines it, else acc) of the pruned model ÷ "
         "the dense model's on the same items; 95% CI from a paired bootstrap over items. `sparsity@512` is the "
-        "compute sparsity measured with FlopCounterMode on a 512-token probe; `sparsity(tasks)` the mean of "
+        "compute sparsity measured with FlopCounterMode on a 512-token probe (the first WikiText-2 window, the latency "
+        "probe's input); `sparsity(wiki)` the same over every perplexity window, ± its spread across windows (0 for "
+        "a method whose compute does not depend on the text; argmax routing varies); `sparsity(tasks)` the mean of "
         "the per-task measured values (token methods skip less on short items). Perplexity: WikiText-2 test, "
         "non-overlapping windows; for a method that drops tokens (SDTP) it is computed over the positions that "
         "keep logits (see `scored_fraction` rows).",

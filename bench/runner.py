@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -131,7 +132,8 @@ class Runner:
         c = self.config
         units = {task: {"limit": c.limit} for task in self.tasks}
         if c.measure_ppl:
-            units["wikitext2"] = {"seq_len": c.ppl_seq_len, "windows": c.ppl_windows}
+            # "flops": what the unit counts (a new value re-measures cells written before the per-window count)
+            units["wikitext2"] = {"seq_len": c.ppl_seq_len, "windows": c.ppl_windows, "flops": "every window"}
         if c.measure_efficiency:
             units["efficiency"] = {"batch": c.latency_batch, "seq_len": c.latency_seq_len,
                                    "repeats": c.latency_repeats, "decode_tokens": c.decode_tokens}
@@ -214,6 +216,9 @@ class Runner:
         return rows, samples
 
     def measure_perplexity(self, method: Method, settings: dict[str, Any]) -> list[dict[str, Any]]:
+        """Perplexity, and compute sparsity counted with FlopCounterMode on every window: the first window is the
+        latency probe's input (`measured_sparsity`), the rest show how much a data-dependent method (argmax
+        routing) varies from one input to the next."""
         from bench.flops import analytic_decoder_flops, count_flops
         from bench.perplexity import perplexity, wikitext_windows
         from methods.base import scoring
@@ -221,14 +226,21 @@ class Runner:
         windows = wikitext_windows(self.tokenizer, settings["seq_len"], settings["windows"])
         with method.apply(self.model) as pruned:
             result = perplexity(pruned, windows, progress=self.config.progress)
-            probe = windows[:1].to(self.device)
-            with scoring(torch.zeros_like(probe, dtype=torch.bool)):
-                flops = count_flops(pruned, probe).decoder
-        dense = analytic_decoder_flops(self.model.config, probe.shape[1], num_layers=self.dense_layers)
+            executed = []
+            for window in windows:
+                ids = window[None].to(self.device)
+                with scoring(torch.zeros_like(ids, dtype=torch.bool)):
+                    executed.append(count_flops(pruned, ids).decoder)
+        dense = analytic_decoder_flops(self.model.config, windows.shape[1], num_layers=self.dense_layers)
+        per_window = np.array([1.0 - flops / dense for flops in executed])
+        spread = float(per_window.std(ddof=1)) if len(per_window) > 1 else 0.0
         base = {"task": "wikitext2", "n": result.windows, "seq_len": result.seq_len,
-                "measured_sparsity": 1.0 - flops / dense}
+                "measured_sparsity": float(per_window[0])}
         return [{**base, "metric": "ppl", "value": result.ppl},
-                {**base, "metric": "scored_fraction", "value": result.nll_tokens / result.predictions}]
+                {**base, "metric": "scored_fraction", "value": result.nll_tokens / result.predictions},
+                {**base, "metric": "compute_sparsity", "value": 1.0 - sum(executed) / (dense * len(executed)),
+                 "stderr": spread / np.sqrt(len(per_window))},
+                {**base, "metric": "compute_sparsity_sd", "value": spread}]
 
     def measure_efficiency(self, method: Method, settings: dict[str, Any]) -> list[dict[str, Any]]:
         from bench.efficiency import interleaved_latency, parameter_count, peak_memory_mb

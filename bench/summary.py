@@ -17,6 +17,19 @@ def primary_metric(task: str) -> str:
     return TASKS[task].primary_metric if task in TASKS else "acc"
 
 
+def current_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The newest cell per (model, method, target sparsity, seed, device, dtype, task, item limit): cells written
+    before a method's parameters or a unit's measurement changed stay in the store (nothing is deleted) but must
+    not be averaged with the new ones."""
+    if rows.empty:
+        return rows
+    keys = ["model", "method", "target_sparsity", "seed", "device", "dtype", "task", "limit"]
+    newest = rows.groupby("cell", sort=False)["timestamp"].max()
+    per_cell = rows.drop_duplicates("cell")[[*keys, "cell"]].assign(timestamp=lambda f: f["cell"].map(newest))
+    latest = per_cell.sort_values("timestamp").groupby(keys, dropna=False, sort=False)["cell"].last()
+    return rows[rows["cell"].isin(set(latest))]
+
+
 def accuracy_rows(rows: pd.DataFrame) -> pd.DataFrame:
     acc = rows[~rows["task"].isin(["wikitext2", "efficiency"])]
     keep = acc.apply(lambda r: r["metric"] == primary_metric(r["task"]), axis=1) if len(acc) else []
@@ -103,16 +116,18 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         dense_cells = dict(zip(d_acc["task"], d_acc["cell"], strict=False))
         retention, lo, hi = paired_retention(store, dense_cells, pruned_cells, seed=int(seed))
         eff = group[group["task"] == "efficiency"].set_index("metric")["value"]
-        ppl = group[(group["task"] == "wikitext2") & (group["metric"] == "ppl")]["value"]
+        wiki = group[group["task"] == "wikitext2"].groupby("metric")["value"].first()
         tasks_sparsity = g_acc["measured_sparsity"]
         out.append({
             "method": method, "target": target,
             "sparsity@512": eff.get("compute_sparsity", np.nan),
             "sparsity(tasks)": tasks_sparsity.mean() if len(tasks_sparsity) else np.nan,
+            "sparsity(wiki)": wiki.get("compute_sparsity", np.nan),
+            "sparsity_sd(wiki)": wiki.get("compute_sparsity_sd", np.nan),
             "mean_acc": g_acc["value"].mean() if len(g_acc) else np.nan,
             "tasks": len(g_acc),
             "retention": retention, "ret_lo": lo, "ret_hi": hi,
-            "ppl": ppl.iloc[0] if len(ppl) else np.nan,
+            "ppl": wiki.get("ppl", np.nan),
             "flops_ratio": eff["decoder_flops"] / eff["dense_decoder_flops"] if "decoder_flops" in eff else np.nan,
             "prefill_speedup": eff.get("prefill_speedup", np.nan),
             "model": model,
@@ -164,7 +179,9 @@ def format_summary(frame: pd.DataFrame) -> str:
     shown["retention (95% CI)"] = [
         f"{r:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(r) else "-"
         for r, lo, hi in zip(shown["retention"], shown["ret_lo"], shown["ret_hi"], strict=True)]
-    shown = shown.drop(columns=["retention", "ret_lo", "ret_hi", "model"])
-    cols = ["method", "target", "sparsity@512", "sparsity(tasks)", "mean_acc", "retention (95% CI)", "ppl",
-            "flops_ratio", "prefill_speedup", "tasks"]
+    shown["sparsity(wiki)"] = [f"{c:.3f}±{sd:.3f}" if np.isfinite(c) else "-"
+                               for c, sd in zip(shown["sparsity(wiki)"], shown["sparsity_sd(wiki)"], strict=True)]
+    shown = shown.drop(columns=["retention", "ret_lo", "ret_hi", "model", "sparsity_sd(wiki)"])
+    cols = ["method", "target", "sparsity@512", "sparsity(wiki)", "sparsity(tasks)", "mean_acc",
+            "retention (95% CI)", "ppl", "flops_ratio", "prefill_speedup", "tasks"]
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")

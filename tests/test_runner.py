@@ -72,3 +72,28 @@ def test_resume_after_crash_recomputes_nothing_complete(tmp_path, tiny_with_real
     forced = CountingRunner(_config(tmp_path, force=True), model=tiny_with_real_vocab, tokenizer=real_tokenizer)
     forced.run()
     assert forced.calls == total_units
+
+
+def test_wikitext_sparsity_is_counted_on_every_window(tmp_path, monkeypatch, tiny_with_real_vocab, real_tokenizer):
+    """The first window is the latency probe's input; the mean and spread over all windows show how a
+    data-dependent method varies by input. Planted FLOPs: windows at sparsity 0.2, 0.3, 0.1."""
+    import bench.flops
+    from bench.flops import FlopReport, analytic_decoder_flops
+
+    config = _config(tmp_path, methods=["dense"], tasks=["piqa"], ppl_windows=3, measure_efficiency=False)
+    dense = analytic_decoder_flops(tiny_with_real_vocab.config, config.ppl_seq_len)
+    planted = iter([0.8 * dense, 0.7 * dense, 0.9 * dense])
+
+    def fake_count(model, input_ids, attention_mask=None):
+        flops = int(next(planted))
+        return FlopReport(total=flops, lm_head=0, decoder=flops)
+
+    monkeypatch.setattr(bench.flops, "count_flops", fake_count)
+    runner = Runner(config, model=tiny_with_real_vocab, tokenizer=real_tokenizer)
+    runner.device, runner.dense_layers = tiny_with_real_vocab.device, tiny_with_real_vocab.config.num_hidden_layers
+    rows = pd.DataFrame(runner.measure_perplexity(runner.plan[0], runner.unit_settings()["wikitext2"]))
+    by_metric = rows.set_index("metric")
+    assert rows["measured_sparsity"].tolist() == pytest.approx([0.2] * len(rows), abs=1e-6)  # the probe window
+    assert by_metric.loc["compute_sparsity", "value"] == pytest.approx(0.2, abs=1e-6)  # (0.2 + 0.3 + 0.1) / 3
+    assert by_metric.loc["compute_sparsity_sd", "value"] == pytest.approx(0.1, abs=1e-6)
+    assert by_metric.loc["compute_sparsity", "stderr"] == pytest.approx(0.1 / 3 ** 0.5, abs=1e-6)

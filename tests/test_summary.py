@@ -57,3 +57,48 @@ def test_a_clear_gap_is_significant_and_a_small_one_is_not():
     store = _store(np.random.default_rng(3), flips_a=0.10, flips_b=0.11)
     _, lo, hi = retention_difference(store, CELLS["dense"], CELLS["a"], CELLS["b"])
     assert lo < 0.0 < hi
+
+
+def test_summary_shows_the_every_window_sparsity_and_its_spread():
+    import pandas as pd
+
+    from bench.summary import format_summary, summarize
+
+    store = _store(np.random.default_rng(4), flips_a=0.1)
+    common = {"model": "m", "seed": 0, "device": "cpu", "dtype": "torch.float32", "limit": 200}
+    rows = []
+    for name, target, probe, mean, sd in (("dense", 0.0, 0.0, 0.0, 0.0), ("a", 0.25, 0.254, 0.265, 0.018)):
+        for task in ("piqa", "winogrande"):
+            metric = "acc" if task == "winogrande" else "acc_norm"
+            rows.append({**common, "method": name, "target_sparsity": target, "task": task, "metric": metric,
+                         "value": float(np.mean(store.scores[f"{task}/{name}"])), "cell": f"{task}/{name}",
+                         "measured_sparsity": probe})
+        for metric, value in (("ppl", 30.0), ("compute_sparsity", mean), ("compute_sparsity_sd", sd)):
+            rows.append({**common, "method": name, "target_sparsity": target, "task": "wikitext2", "metric": metric,
+                         "value": value, "cell": f"wiki/{name}", "measured_sparsity": probe})
+    frame = summarize(pd.DataFrame(rows), store)
+    line = frame.set_index("method").loc["a"]
+    assert (line["sparsity(wiki)"], line["sparsity_sd(wiki)"], line["ppl"]) == (0.265, 0.018, 30.0)
+    assert "0.265±0.018" in format_summary(frame) and "0.000±0.000" in format_summary(frame)
+
+
+def test_current_rows_keep_the_newest_cell_of_each_setup():
+    import pandas as pd
+
+    from bench.summary import current_rows
+
+    base = {"model": "m", "method": "ftp", "target_sparsity": 0.25, "seed": 0, "device": "cpu",
+            "dtype": "torch.float32", "metric": "acc"}
+    rows = pd.DataFrame([
+        {**base, "task": "piqa", "limit": 50, "cell": "old", "timestamp": "2026-11-20T10:00:00", "value": 0.1},
+        {**base, "task": "piqa", "limit": 50, "cell": "new", "timestamp": "2026-11-24T10:00:00", "value": 0.2},
+        {**base, "task": "piqa", "limit": 100, "cell": "other-limit", "timestamp": "2026-11-19T10:00:00",
+         "value": 0.3},
+        {**base, "task": "wikitext2", "limit": None, "cell": "wiki-old", "timestamp": "2026-11-20T10:00:00",
+         "value": 9.0},
+        {**base, "task": "wikitext2", "limit": None, "cell": "wiki-new", "timestamp": "2026-11-24T09:00:00",
+         "value": 8.0},
+        {**base, "method": "dense", "target_sparsity": 0.0, "task": "piqa", "limit": 50, "cell": "dense",
+         "timestamp": "2026-11-01T10:00:00", "value": 0.5},
+    ])
+    assert sorted(current_rows(rows)["cell"]) == ["dense", "new", "other-limit", "wiki-new"]

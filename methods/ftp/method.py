@@ -7,10 +7,11 @@ router. The artifact is the schedule, the router weights and the search/training
 
 Budgets (`preset`):
 - "paper": methods.md's defaults — GA population 32 × 30 generations, router trained on 2,000 sequences of 512
-  tokens, schedule fine-tuned for 10 generations; fitness on 8 held-out 512-token windows. Hours on a CPU.
+  tokens, schedule fine-tuned for 10 generations; fitness on 8 held-out 512-token windows, rescale measured on 16
+  others. Hours on a CPU.
 - "cpu": about 20 minutes on 2 cores for SmolLM2-135M — population 16 × 10 generations scored on 4 held-out
   windows of 256 tokens, 480 training sequences of 256 tokens at lr 5e-3 (fewer steps, larger steps), 3 fine-tune
-  generations, rescale measured on 4 held-out 512-token windows. It gives up search breadth (a schedule that beats
+  generations, rescale measured on 12 held-out 512-token windows. It gives up search breadth (a schedule that beats
   uniform but is not converged), a router trained on a quarter of the paper's sequences at half the length (its
   position and rank inputs are normalised, so it transfers to 512-token inputs), and a noisier fitness.
 Each budget field can still be set by hand; the preset only fills the ones left at None.
@@ -61,12 +62,12 @@ from methods.ftp.schedule import (
 from methods.ftp.training import TrainConfig, lm_loss, train_router
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"elites": 4, "holdout_windows": 16, "population": 32, "generations": 30, "finetune_generations": 10,
+    "paper": {"elites": 4, "holdout_windows": 24, "population": 32, "generations": 30, "finetune_generations": 10,
               "train_sequences": 2000, "train_seq_len": 512, "learning_rate": 1e-3, "fitness_windows": 8,
-              "fitness_seq_len": 512, "rescale_windows": 8},
+              "fitness_seq_len": 512, "rescale_windows": 16},
     "cpu": {"elites": 4, "holdout_windows": 16, "population": 16, "generations": 10, "finetune_generations": 3,
             "train_sequences": 480, "train_seq_len": 256, "learning_rate": 5e-3, "fitness_windows": 4,
-            "fitness_seq_len": 256, "rescale_windows": 4},
+            "fitness_seq_len": 256, "rescale_windows": 12},
     # seconds on the tiny test model (tests only)
     "test": {"elites": 2, "learning_rate": 1e-3, "population": 4, "generations": 2, "finetune_generations": 1, "train_sequences": 4,
              "train_seq_len": 32, "fitness_windows": 1, "fitness_seq_len": 32, "rescale_windows": 1,
