@@ -159,7 +159,6 @@ def cmd_table(args) -> int:
         )
 
         rows = current_rows(rows)
-
         print(format_summary(summarize(rows, store)))
         print()
         print(format_pairwise(pairwise_differences(rows, store)))

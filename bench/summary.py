@@ -24,9 +24,8 @@ def current_rows(rows: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return rows
     keys = ["model", "method", "target_sparsity", "seed", "device", "dtype", "task", "limit"]
-    newest = rows.groupby("cell", sort=False)["timestamp"].max()
-    per_cell = rows.drop_duplicates("cell")[[*keys, "cell"]].assign(timestamp=lambda f: f["cell"].map(newest))
-    latest = per_cell.sort_values("timestamp").groupby(keys, dropna=False, sort=False)["cell"].last()
+    per_cell = rows.drop_duplicates("cell").sort_values("timestamp")  # a cell's rows share one timestamp
+    latest = per_cell.groupby(keys, dropna=False, sort=False)["cell"].last()
     return rows[rows["cell"].isin(set(latest))]
 
 
