@@ -82,7 +82,8 @@ def test_wikitext_sparsity_is_counted_on_every_window(tmp_path, monkeypatch, tin
 
     config = _config(tmp_path, methods=["dense"], tasks=["piqa"], ppl_windows=3, measure_efficiency=False)
     dense = analytic_decoder_flops(tiny_with_real_vocab.config, config.ppl_seq_len)
-    planted = iter([0.8 * dense, 0.7 * dense, 0.9 * dense])
+    counts = [int(0.8 * dense), int(0.7 * dense), int(0.9 * dense)]
+    planted = iter(counts)
 
     def fake_count(model, input_ids, attention_mask=None):
         flops = int(next(planted))
@@ -95,5 +96,7 @@ def test_wikitext_sparsity_is_counted_on_every_window(tmp_path, monkeypatch, tin
     by_metric = rows.set_index("metric")
     assert rows["measured_sparsity"].tolist() == pytest.approx([0.2] * len(rows), abs=1e-6)  # the probe window
     assert by_metric.loc["compute_sparsity", "value"] == pytest.approx(0.2, abs=1e-6)  # (0.2 + 0.3 + 0.1) / 3
+    # bit-exact on every CPU (the gate compares it exactly): one division of integer sums, no SIMD-order mean
+    assert by_metric.loc["compute_sparsity", "value"] == 1.0 - sum(counts) / (dense * len(counts))
     assert by_metric.loc["compute_sparsity_sd", "value"] == pytest.approx(0.1, abs=1e-6)
     assert by_metric.loc["compute_sparsity", "stderr"] == pytest.approx(0.1 / 3 ** 0.5, abs=1e-6)
