@@ -225,6 +225,48 @@ def test_attention_received_equals_its_definition():
     torch.testing.assert_close(attention_received(causal), attention_received(causal, causal_visibility(n, n, "cpu")[None]))
 
 
+@pytest.mark.parametrize("selection", ["argmax", "topk"])
+def test_keep_first_token_computes_each_rows_first_valid_token(tiny, selection):
+    """ftp-sink's rule: the learned router's decisions plus each row's first valid token (not padding), inside the
+    top-k budget; without it the hand-set router skips that token in every routed block."""
+    ids = _ids(24)
+    pad = 3
+    batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), ids[:, :-pad]], 1), ids])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    decisions = {}
+    for keep_first in (False, True):
+        ctl = RoutingController(tiny.config, SCHEDULE, _router(), kind="learned", selection=selection)
+        ctl.keep_first = keep_first
+        with routed_model(tiny, ctl):
+            _logits(tiny, batch, attention_mask=mask, use_cache=False)
+        decisions[keep_first] = {i: d.clone() for i, d in ctl.last_decisions.items()}
+    first = torch.tensor([pad, 0])
+    rows = torch.arange(2)
+    for i in (i for i, s in enumerate(SCHEDULE) if s > 0):
+        without, with_first = decisions[False][i], decisions[True][i]
+        assert not without[rows, first].any()  # the router alone skips the first token here
+        assert with_first[rows, first].all()
+        assert not with_first[0, :pad].any()  # padding stays skipped
+        if selection == "topk":
+            assert torch.equal(with_first.sum(-1), without.sum(-1))  # the budget is unchanged
+        elif i == 1:  # later blocks read an attention table that the extra token changed
+            assert torch.equal(with_first, without | (torch.arange(batch.shape[1])[None] == first[:, None]))
+
+
+def test_ftp_sink_runs_ftp_topks_artifact():
+    """keep_first_token is an inference rule: ftp-sink's calibration key is ftp-topk's."""
+    from bench.artifacts import CalibrationSettings, artifact_key, key_hash
+    from methods.base import MethodConfigError
+
+    settings = CalibrationSettings(n_samples=4, seq_len=32, source="c4", seed=0)
+    topk, sink = make_method("ftp-topk", sparsity=0.25), make_method("ftp-sink", sparsity=0.25)
+    assert sink.keep_first_token and not topk.keep_first_token and sink.selection == "topk"
+    assert key_hash(artifact_key("m", topk, settings)) == key_hash(artifact_key("m", sink, settings))
+    with pytest.raises(MethodConfigError, match="keep_first_token"):
+        make_method("ftp-static", keep_first_token=True)
+
+
 def test_padded_rows_match_unpadded_rows(tiny):
     """Padding is never computed in routed blocks and never counts toward a budget."""
     ids = _ids(24)

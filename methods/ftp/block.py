@@ -15,6 +15,7 @@ restores everything on exit."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class RoutingController:
         self.use_position = use_position
         self.use_sparsity = use_sparsity
         self.decode_threshold = decode_threshold
+        self.keep_first = False  # learned router, prefill: always compute each row's first valid token (ftp-sink)
         self.compute_threshold = 0.5  # prefill argmax rule: compute iff P(compute) > 0.5 (see FTP._rescale)
         self.gumbel_tau = gumbel_tau
         self.generator = torch.Generator().manual_seed(seed)
@@ -175,6 +177,8 @@ class RoutingController:
         logits = self.router_logits(index)
         self.stats.router_flops += logits.shape[0] * logits.shape[1] * self.router.flops_per_token
         p_compute = torch.softmax(logits.float(), -1)[..., 0]
+        if self.keep_first:  # inside the top-k budget, on top of the argmax decisions
+            p_compute = p_compute.masked_fill(valid & (valid.long().cumsum(-1) == 1), math.inf)
         if self.selection == "topk":
             return topk_compute_mask(p_compute, valid, sparsity)
         return valid & (p_compute > self.compute_threshold)

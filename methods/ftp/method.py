@@ -19,7 +19,9 @@ Each budget field can still be set by hand; the preset only fills the ones left 
 Variants (registry): ftp-static (static router only), ftp-uniform (uniform schedule, no search), ftp-random
 (random skipping at the searched schedule), ftp-nopos / ftp-nosparsity (router without that input; ftp-nosparsity
 uses top-k budgets, since without the sparsity input rescaling the schedule cannot move an argmax router), ftp-topk
-(the learned router with exact top-k budgets instead of argmax: the matched-sparsity reading on any text).
+(the learned router with exact top-k budgets instead of argmax: the matched-sparsity reading on any text), ftp-sink
+(ftp-topk's artifact with the first token always computed inside the budget: `keep_first_token`, an inference-time
+rule outside the paper).
 
 Evaluation: routing depends on the whole sequence, so the evaluator must send unpadded rows (`sequence_dependent`).
 Padding, if present, is never computed in blocks 1..L-1 and never counts toward a budget. Cached generation works
@@ -130,12 +132,18 @@ class FTP(Method):
     rescale_tolerance: float = 0.005
     rescale_iterations: int = 12
     decode_threshold: float = 0.5
+    # Inference only, outside the paper: the learned router also computes each row's first token (the attention
+    # sink) in every block, inside the top-k budget. Calibration ignores it, so `ftp-sink` (top-k) runs ftp-topk's
+    # artifact: the committed router, trained by the paper's losses, skips the first token in all 29 routed blocks
+    # (the static router keeps it by rule). With argmax the extra token changes later blocks' attention table and
+    # the router then computes more (c 0.20 instead of 0.25 on the probe): the target is no longer matched.
+    keep_first_token: bool = False
     progress: bool = True
 
     name: ClassVar[str] = "ftp"
     version: ClassVar[str] = "1"
     needs_calibration: ClassVar[bool] = True
-    calibration_ignores: ClassVar[tuple[str, ...]] = ("decode_threshold", "progress")
+    calibration_ignores: ClassVar[tuple[str, ...]] = ("decode_threshold", "keep_first_token", "progress")
     sequence_dependent: ClassVar[bool] = True
     # Enough windows for the paper preset's 2,000 training sequences plus the held-out rows; "cpu" uses a subset.
     default_calibration: ClassVar[dict] = {"n_samples": 2048, "seq_len": 512, "source": "c4-all"}
@@ -182,6 +190,9 @@ class FTP(Method):
                                     f"got {self.distill_target!r}")
         if not 0.0 < self.rescale_tolerance <= 0.02:
             raise MethodConfigError("ftp: rescale_tolerance must be in (0, 0.02] (the benchmark's matching band)")
+        if self.keep_first_token and self.router != "learned":
+            raise MethodConfigError("ftp: keep_first_token applies to the learned router only (the static router "
+                                    "keeps the first token by rule); drop it or use router='learned'")
         if not 0.0 < self.decode_threshold < 1.0:
             raise MethodConfigError("ftp: decode_threshold must be in (0, 1), e.g. 0.5")
 
@@ -345,6 +356,7 @@ class FTP(Method):
             router.to(next(model.parameters()).device)
         self._controller = self.controller(model.config, schedule, router)
         self._controller.compute_threshold = float(self.artifact.get("compute_threshold", 0.5))
+        self._controller.keep_first = self.keep_first_token
         with routed_model(model, self._controller) as routed:
             yield routed
 
