@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from bench.runner import RunConfig, Runner
     from bench.store import Store
-    from bench.summary import format_summary, summarize
+    from bench.summary import format_summary, format_unmatched, summarize, unmatched_cells
 
     config = RunConfig(model=args.model, methods=args.methods, sparsities=args.sparsity, tasks=args.tasks,
                        limit=args.limit, device=args.device, dtype=args.dtype, seed=args.seed,
@@ -128,6 +128,10 @@ def cmd_run(args) -> int:
     rows = rows[rows["cell"].isin(runner.run_cells)]
     print()
     print(format_summary(summarize(rows, store)))
+    unmatched = unmatched_cells(rows[rows["method"] != "dense"])
+    if len(unmatched):
+        print("\nUnmatched cells (|c − target| > 0.02 on the scored inputs; left out of retention):")
+        print(format_unmatched(unmatched))
     print(f"\n[bench] {len(runner.cells_written)} cells computed, {len(runner.cells_skipped)} already complete "
           f"(resume), results in {config.results}/")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in runner.clock.seconds.items())
@@ -154,13 +158,17 @@ def cmd_table(args) -> int:
             current_rows,
             format_pairwise,
             format_summary,
+            format_unmatched,
             pairwise_differences,
             summarize,
+            unmatched_cells,
         )
 
         rows = current_rows(rows)
         print(format_summary(summarize(rows, store)))
-        print()
+        print("\nUnmatched cells (|c − target| > 0.02 on the scored inputs; left out of retention):")
+        print(format_unmatched(unmatched_cells(rows[rows["method"] != "dense"])))
+        print("\nMethod against method (matched tasks only):")
         print(format_pairwise(pairwise_differences(rows, store)))
         return 0
     if args.format == "csv":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,11 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from bench.flops import count_flops  # noqa: E402
+from bench.flops import counted_forward  # noqa: E402
 from bench.tasks import quiet_expected_lm_eval_messages  # noqa: E402
 from methods.base import scoring  # noqa: E402
 
-FLOP_PROBES_PER_TASK = 16
 MIN_FILL = 0.8  # a batch's rows are at least this fraction of its longest row
 SHARED_PREFIX, PER_REQUEST = "shared-prefix", "per-request"
 # attention kernels that honour an arbitrary 4-D mask (the packed trie needs one)
@@ -58,6 +57,37 @@ class ScoredInput:
 
 
 @dataclass
+class Forward:
+    """One forward the engine runs, exactly as it runs it: the padded batch, the scored positions the method must
+    protect, the logit positions kept, and the extra model kwargs (packed rows: 4-D mask and RoPE positions)."""
+
+    input_ids: torch.Tensor  # [batch, width]
+    scored: torch.Tensor  # [batch, width] bool
+    keep: torch.Tensor  # positions whose logits are computed
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.input_ids.shape[0]), int(self.input_ids.shape[1])
+
+
+@dataclass
+class FlopTally:
+    """Executed decoder FLOPs (FlopCounterMode, on the forwards as evaluated) and the dense model's on the same
+    batches (the analytic formula, which equals the dense count exactly): c = 1 − executed / dense."""
+
+    executed: int = 0
+    dense: int = 0
+    items: int = 0  # requests scored
+    tokens: int = 0  # input tokens of those requests (unpadded)
+    padded_tokens: int = 0  # batch × width summed over forwards
+
+    @property
+    def sparsity(self) -> float | None:
+        return 1.0 - self.executed / self.dense if self.dense else None
+
+
+@dataclass
 class EngineStats:
     """What the engine did: `tokens` = request tokens (what stock scoring would compute, unpadded),
     `computed_tokens` = rows actually run (after prefix sharing), `padded_tokens` = with padding."""
@@ -69,7 +99,7 @@ class EngineStats:
     computed_tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
-    probes: dict[str, list[ScoredInput]] = field(default_factory=lambda: defaultdict(list))
+    flops: FlopTally = field(default_factory=FlopTally)
 
 
 @dataclass
@@ -126,17 +156,30 @@ class BenchLM(HFLM):
     """HFLM over an in-memory (possibly pruned) model.
 
     sequence_dependent: the method's decisions depend on the whole sequence (token routing): score each request
-    as its own unpadded row (the per-request path), never packed with other choices."""
+        as its own unpadded row (the per-request path), never packed with other choices, and batched only with
+        rows of the same length and the same scored span (so a token method's protected set is the same in
+        every row and no row is padded).
+    dense_flops: (batch, width) -> the dense model's decoder FLOPs on such a batch. When given, every forward is
+        run under FlopCounterMode and `engine.flops` tallies executed vs dense FLOPs on exactly what was scored.
+    on_workload: called with the task's list of `Forward`s before any runs (the harness solves an input-dependent
+        method's knob on them; it may run the model on them, it must not change them).
+    plan_only: record the forwards in `workload` and return placeholder scores without running the model (the
+        harness reads the study's sequence lengths this way)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, sequence_dependent: bool = False,
-                 progress: bool = True, max_batch_tokens: int = 4096):
+                 progress: bool = True, max_batch_tokens: int = 4096,
+                 dense_flops: Callable[[int, int], int] | None = None,
+                 on_workload: Callable[[list[Forward]], None] | None = None, plan_only: bool = False):
         with quiet_expected_lm_eval_messages():
             super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.sequence_dependent = sequence_dependent
         self.progress = progress
         self.max_batch_tokens = max_batch_tokens
+        self.dense_flops = dense_flops
+        self.on_workload = on_workload
+        self.plan_only = plan_only
+        self.workload: list[Forward] = []
         self.engine = EngineStats(path=self.path)
-        self._task_of_request: list[str] = []
         self._group_of_request: list[object] = []
 
     @property
@@ -145,7 +188,6 @@ class BenchLM(HFLM):
         return PER_REQUEST if self.sequence_dependent or kernel not in _CUSTOM_MASK_KERNELS else SHARED_PREFIX
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        self._task_of_request = [getattr(r, "task_name", None) or "?" for r in requests]
         # a document's requests share one trie (its choices; WinoGrande's options share the text before the blank)
         self._group_of_request = [(r.task_name, r.doc_id) if getattr(r, "doc_id", None) is not None else r.args[0]
                                   for r in requests]
@@ -156,19 +198,18 @@ class BenchLM(HFLM):
         inp = whole[:-1]
         return ScoredInput(input_ids=inp, scored_from=len(inp) - len(continuation_enc))
 
-    def _batches(self, lengths: list[int], same_length: bool) -> list[list[int]]:
+    def _batches(self, lengths: list[int], keys: list[object] | None = None) -> list[list[int]]:
         """Longest first (worst-case memory shows at once); a batch holds at most `batch_size` rows and
         `max_batch_tokens` padded tokens, and no row shorter than `MIN_FILL` of its longest (on CPU the cost is
-        linear in padded tokens, so a smaller batch is cheaper than padding); with `same_length`, only rows of
-        one length."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        linear in padded tokens, so a smaller batch is cheaper than padding); with `keys`, only rows of one key."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], str(keys[i]) if keys else ""))
         batches: list[list[int]] = []
         for idx in order:
             width = lengths[batches[-1][0]] if batches else 0
             if batches and len(batches[-1]) < self.batch_size \
                     and (len(batches[-1]) + 1) * width <= self.max_batch_tokens \
                     and lengths[idx] >= MIN_FILL * width \
-                    and (not same_length or width == lengths[idx]):
+                    and (keys is None or keys[batches[-1][0]] == keys[idx]):
                 batches[-1].append(idx)
             else:
                 batches.append([idx])
@@ -179,39 +220,55 @@ class BenchLM(HFLM):
         targets = [cont[len(cont) - (len(it.input_ids) - it.scored_from):] for it, (_, _, cont)
                    in zip(items, requests, strict=True)]
         n = len(items)
-        tasks = self._task_of_request if len(self._task_of_request) == n else ["?"] * n
-        for i, item in enumerate(items):
-            if len(self.engine.probes[tasks[i]]) < FLOP_PROBES_PER_TASK:
-                self.engine.probes[tasks[i]].append(item)
         groups = self._group_of_request if len(self._group_of_request) == n \
             else [tuple(ctx) for _, ctx, _ in requests]
         self.engine.path = self.path
+        if self.engine.path == SHARED_PREFIX:
+            rows = pack_requests(items, groups, max_nodes=self.max_batch_tokens)
+            plan = [self._packed_forward([rows[b] for b in batch], targets)
+                    for batch in self._batches([len(r.tokens) for r in rows])]
+        else:
+            keys = [(len(it.input_ids), it.scored_from) for it in items] if self.sequence_dependent else None
+            plan = [self._row_forward(batch, items, targets)
+                    for batch in self._batches([len(it.input_ids) for it in items], keys)]
+        forwards = [forward for forward, _, _ in plan]
+        self.workload.extend(forwards)
+        if self.plan_only:
+            return [(0.0, False)] * n
+        if self.on_workload is not None:
+            self.on_workload(forwards)
         self.engine.requests += n
         self.engine.tokens += sum(len(it.input_ids) for it in items)
         results: list[tuple[float, bool] | None] = [None] * n
         start = time.perf_counter()
         pbar = tqdm(total=n, desc=f"scoring ({self.engine.path})", disable=not self.progress or disable_tqdm,
                     leave=False)
-        if self.engine.path == SHARED_PREFIX:
-            rows = pack_requests(items, groups, max_nodes=self.max_batch_tokens)
-            for batch in self._batches([len(r.tokens) for r in rows], same_length=False):
-                self._score_packed([rows[b] for b in batch], targets, results)
-                pbar.update(sum(len(rows[b].requests) for b in batch))
-        else:
-            for batch in self._batches([len(it.input_ids) for it in items], same_length=self.sequence_dependent):
-                self._score_rows(batch, items, targets, results)
-                pbar.update(len(batch))
+        for forward, read, requests_in_forward in plan:
+            tally = self.engine.flops
+            tally.items += len(requests_in_forward)
+            tally.tokens += sum(len(items[i].input_ids) for i in requests_in_forward)
+            read(self._forward(forward), results)
+            pbar.update(len(requests_in_forward))
         pbar.close()
         self.engine.seconds += time.perf_counter() - start
         return results
 
-    def _forward(self, ids: torch.Tensor, scored: torch.Tensor, keep: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Log-probabilities [batch, len(keep), vocab] at the kept positions."""
-        with torch.inference_mode(), scoring(scored.to(self.device)):
-            logits = self.model(input_ids=ids.to(self.device), use_cache=False, logits_to_keep=keep.to(self.device),
-                                **kwargs).logits
+    def _forward(self, forward: Forward) -> torch.Tensor:
+        """Log-probabilities [batch, len(keep), vocab] at the kept positions; FLOPs tallied when counting."""
+        kwargs = {k: v.to(self.device) for k, v in forward.kwargs.items()}
+        with torch.inference_mode(), scoring(forward.scored.to(self.device)):
+            call = dict(input_ids=forward.input_ids.to(self.device), use_cache=False,
+                        logits_to_keep=forward.keep.to(self.device), **kwargs)
+            if self.dense_flops is None:
+                logits = self.model(**call).logits
+            else:
+                out, executed = counted_forward(self.model, **call)
+                logits = out.logits
+                self.engine.flops.executed += executed
+                self.engine.flops.dense += self.dense_flops(*forward.shape)
         self.engine.forwards += 1
-        self.engine.padded_tokens += ids.numel()
+        self.engine.padded_tokens += forward.input_ids.numel()
+        self.engine.flops.padded_tokens += forward.input_ids.numel()
         return F.log_softmax(logits.float(), dim=-1).cpu()
 
     @staticmethod
@@ -221,7 +278,8 @@ class BenchLM(HFLM):
         greedy = bool((span.argmax(-1) == target_t).all())
         return float(span.gather(-1, target_t[:, None]).sum()), greedy
 
-    def _score_packed(self, rows: list[PackedRow], targets: list[list[int]], results: list) -> None:
+    def _packed_forward(self, rows: list[PackedRow], targets: list[list[int]]):
+        """(the forward of these packed rows, how to read its log-probs into results, the requests it scores)."""
         width = max(len(r.tokens) for r in rows)
         pad_id = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -237,18 +295,21 @@ class BenchLM(HFLM):
         keep = scored.any(0).nonzero().flatten()
         column = torch.full((width,), -1, dtype=torch.long)
         column[keep] = torch.arange(len(keep))
-        mask = torch.from_numpy(visible).to(self.device)
+        mask = torch.from_numpy(visible)
         if getattr(self.model.config, "_attn_implementation", "sdpa") == "eager":
-            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(self.model.dtype).min)
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill(~mask, torch.finfo(self.model.dtype).min)
         self.engine.computed_tokens += sum(len(r.tokens) for r in rows)
-        logprobs = self._forward(ids, scored, keep, attention_mask=mask, position_ids=positions.to(self.device))
-        for b, row in enumerate(rows):
-            for request, nodes in row.requests:
-                results[request] = self._read(logprobs[b], column[nodes], targets[request])
 
-    def _score_rows(self, batch: list[int], items: list[ScoredInput], targets: list[list[int]],
-                    results: list) -> None:
+        def read(logprobs: torch.Tensor, results: list) -> None:
+            for b, row in enumerate(rows):
+                for request, nodes in row.requests:
+                    results[request] = self._read(logprobs[b], column[nodes], targets[request])
+
+        forward = Forward(ids, scored, keep, {"attention_mask": mask, "position_ids": positions})
+        return forward, read, [request for row in rows for request, _ in row.requests]
+
+    def _row_forward(self, batch: list[int], items: list[ScoredInput], targets: list[list[int]]):
+        """(one unpadded-or-right-padded row per request, its reader, the requests): no mask, plain causal."""
         width = max(len(items[i].input_ids) for i in batch)
         ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         scored = torch.zeros(len(batch), width, dtype=torch.bool)
@@ -257,21 +318,11 @@ class BenchLM(HFLM):
             scored[row, items[i].scored_from:len(items[i].input_ids)] = True
         first = min(items[i].scored_from for i in batch)
         self.engine.computed_tokens += sum(len(items[i].input_ids) for i in batch)
+
+        def read(logprobs: torch.Tensor, results: list) -> None:
+            for row, i in enumerate(batch):
+                lo, end = items[i].scored_from, len(items[i].input_ids)
+                results[i] = self._read(logprobs[row], torch.arange(lo - first, end - first), targets[i])
+
         # right padding needs no mask under causal attention (as in stock HFLM)
-        logprobs = self._forward(ids, scored, torch.arange(first, width))
-        for row, i in enumerate(batch):
-            lo, end = items[i].scored_from, len(items[i].input_ids)
-            results[i] = self._read(logprobs[row], torch.arange(lo - first, end - first), targets[i])
-
-
-def measure_task_flops(model, probes: list[ScoredInput]) -> tuple[int, list[int]]:
-    """Executed decoder FLOPs of the pruned model on each probe as stock scoring runs it (unpadded, batch 1,
-    no prefix sharing: the matched-sparsity axis is defined on whole sequences), and the lengths."""
-    device = next(model.parameters()).device
-    total = 0
-    lengths = []
-    for probe in probes:
-        with scoring(probe.scored_mask().to(device)):
-            total += count_flops(model, torch.tensor([probe.input_ids], device=device)).decoder
-        lengths.append(len(probe.input_ids))
-    return total, lengths
+        return Forward(ids, scored, torch.arange(first, width)), read, list(batch)

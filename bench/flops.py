@@ -34,14 +34,29 @@ class FlopReport:
     decoder: int  # total - lm_head: decoder blocks, plus any router/predictor a method runs
 
 
+def _split(counter: FlopCounterMode) -> tuple[int, int]:
+    """(total, LM head) FLOPs of what the counter saw; the head is found by module name."""
+    per_module = counter.get_flop_counts()
+    total = int(sum(per_module.get("Global", {}).values()))
+    lm_head = sum(int(sum(ops.values())) for name, ops in per_module.items() if name.endswith(".lm_head"))
+    return total, lm_head
+
+
+def counted_forward(model, **call):
+    """(the model's output, executed decoder FLOPs) of one forward under FlopCounterMode."""
+    register_cpu_sdpa_flops()
+    with FlopCounterMode(display=False) as counter:
+        out = model(**call)
+    total, lm_head = _split(counter)
+    return out, total - lm_head
+
+
 def count_flops(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> FlopReport:
     """Runs one forward under FlopCounterMode and splits off the LM head (embeddings cost no FLOPs)."""
     register_cpu_sdpa_flops()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    per_module = counter.get_flop_counts()
-    total = int(sum(per_module.get("Global", {}).values()))
-    lm_head = sum(int(sum(ops.values())) for name, ops in per_module.items() if name.endswith(".lm_head"))
+    total, lm_head = _split(counter)
     return FlopReport(total=total, lm_head=lm_head, decoder=total - lm_head)
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bench.datafiles import read_text
+from bench.flops import counted_forward
 from methods.base import scoring
 
 WIKITEXT2 = "wikitext2/wiki.test.raw"
@@ -44,23 +45,37 @@ class PerplexityResult:
     predictions: int  # predictions a dense model scores over the same windows
     windows: int
     seq_len: int
+    token_nll: torch.Tensor  # [windows, seq_len - 1] float64, NLL of every next-token prediction
+    scored: torch.Tensor  # [windows, seq_len - 1] bool, predictions whose position kept its logits
+    executed_flops: list[int] = field(default_factory=list)  # per window, when counted
+
+    def ppl_on(self, scored: torch.Tensor) -> float:
+        """Perplexity over the given predictions only (to compare with another run on the same positions)."""
+        return math.exp(float(self.token_nll[scored].mean()))
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+def perplexity(model, windows: torch.Tensor, progress: bool = True, count_flops: bool = False) -> PerplexityResult:
+    """One window per forward (a token method's decisions and its FLOPs are then per window); with
+    `count_flops`, each forward runs under FlopCounterMode and its executed decoder FLOPs are kept."""
     device = next(model.parameters()).device
-    nll_sum = 0.0
-    count = 0
-    for batch in tqdm(windows.split(batch_size), desc="wikitext2 ppl", disable=not progress, leave=False):
-        batch = batch.to(device)
+    nlls, masks, executed = [], [], []
+    for window in tqdm(windows, desc="wikitext2 ppl", disable=not progress, leave=False):
+        ids = window[None].to(device)
         # no position is forced to survive: a token-dropping method reports which logits are real
-        with torch.inference_mode(), scoring(torch.zeros_like(batch, dtype=torch.bool)) as ctx:
-            logits = model(input_ids=batch, use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none")
+        with torch.inference_mode(), scoring(torch.zeros_like(ids, dtype=torch.bool)) as ctx:
+            if count_flops:
+                out, flops = counted_forward(model, input_ids=ids, use_cache=False)
+                executed.append(flops)
+            else:
+                out = model(input_ids=ids, use_cache=False)
+        nll = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
         valid = torch.ones_like(nll, dtype=torch.bool)
         if ctx.logit_positions is not None:
             valid = ctx.logit_positions[:, :-1].to(nll.device)
-        nll_sum += float(nll[valid].double().sum())
-        count += int(valid.sum())
-    predictions = windows.shape[0] * (windows.shape[1] - 1)
-    return PerplexityResult(ppl=math.exp(nll_sum / max(count, 1)), nll_tokens=count, predictions=predictions,
-                            windows=windows.shape[0], seq_len=windows.shape[1])
+        nlls.append(nll[0].double().cpu())
+        masks.append(valid[0].cpu())
+    token_nll, scored = torch.stack(nlls), torch.stack(masks)
+    count = int(scored.sum())
+    return PerplexityResult(ppl=math.exp(float(token_nll[scored].sum()) / max(count, 1)), nll_tokens=count,
+                            predictions=scored.numel(), windows=windows.shape[0], seq_len=windows.shape[1],
+                            token_nll=token_nll, scored=scored, executed_flops=executed)

@@ -17,8 +17,10 @@ from bench.summary import (  # noqa: E402
     current_rows,
     format_pairwise,
     format_summary,
+    format_unmatched,
     pairwise_differences,
     summarize,
+    unmatched_cells,
 )
 
 
@@ -51,12 +53,12 @@ def _label(method: str, target: float) -> str:
 def fig_retention(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, g in summary[summary["method"] != "dense"].groupby("method"):
-        x = g["sparsity@512"].fillna(g["target"])
+        x = g["c(tasks)"].fillna(g["target"])
         err = np.vstack([g["retention"] - g["ret_lo"], g["ret_hi"] - g["retention"]])
         ax.errorbar(x, g["retention"] * 100, yerr=err * 100, marker="o", capsize=3, label=method)
     ax.axhline(100, color="grey", lw=0.8, ls="--")
-    _finish(fig, ax, path, "measured compute sparsity (512-token probe)", "accuracy retention vs dense (%)",
-            "Accuracy retention (paired bootstrap 95% CI)")
+    _finish(fig, ax, path, "compute sparsity measured on the scored task items", "accuracy retention vs dense (%)",
+            "Accuracy retention over matched tasks (paired bootstrap 95% CI)")
 
 
 def fig_task_accuracy(rows: pd.DataFrame, path: Path) -> None:
@@ -78,14 +80,12 @@ def fig_task_accuracy(rows: pd.DataFrame, path: Path) -> None:
 
 def fig_perplexity(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    dense = summary[summary["method"] == "dense"]["ppl"]
-    if len(dense):
-        ax.axhline(dense.iloc[0], color="grey", ls="--", lw=0.8, label="dense")
+    ax.axhline(1.0, color="grey", ls="--", lw=0.8, label="dense")
     for method, g in summary[summary["method"] != "dense"].groupby("method"):
-        ax.plot(g["sparsity@512"].fillna(g["target"]), g["ppl"], marker="o", label=method)
+        ax.plot(g["c(wiki)"].fillna(g["target"]), g["ppl_ratio"], marker="o", label=method)
     ax.set_yscale("log")
-    _finish(fig, ax, path, "measured compute sparsity (512-token probe)", "WikiText-2 perplexity",
-            "Perplexity vs sparsity")
+    _finish(fig, ax, path, "compute sparsity measured on the WikiText-2 windows",
+            "perplexity ÷ dense perplexity on the same positions", "Perplexity ratio vs sparsity")
 
 
 def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
@@ -111,7 +111,7 @@ def write_report(results: str, out: str) -> list[Path]:
     figures = {
         "retention_vs_sparsity.png": lambda p: fig_retention(summary, p),
         "task_accuracy.png": lambda p: fig_task_accuracy(rows, p),
-        "perplexity_vs_sparsity.png": lambda p: fig_perplexity(summary, p),
+        "perplexity_ratio_vs_sparsity.png": lambda p: fig_perplexity(summary, p),
         "flops_vs_speedup.png": lambda p: fig_flops_vs_speedup(summary, p),
     }
     paths = []
@@ -135,22 +135,30 @@ def write_report(results: str, out: str) -> list[Path]:
         "",
         "## Summary",
         "",
-        "Retention = mean primary accuracy (acc_norm where the task defines it, else acc) of the pruned model ÷ "
-        "the dense model's on the same items; 95% CI from a paired bootstrap over items. `sparsity@512` is the "
-        "compute sparsity measured with FlopCounterMode on a 512-token probe (the first WikiText-2 window, the latency "
-        "probe's input); `sparsity(wiki)` the same over every perplexity window, ± its spread across windows (0 for "
-        "a method whose compute does not depend on the text; argmax routing varies); `sparsity(tasks)` the mean of "
-        "the per-task measured values (token methods skip less on short items). Perplexity: WikiText-2 test, "
-        "non-overlapping windows; for a method that drops tokens (SDTP) it is computed over the positions that "
-        "keep logits (see `scored_fraction` rows).",
+        "Matching: every cell's compute sparsity c = 1 − F_exec/F_dense is counted with FlopCounterMode on every "
+        "forward exactly as it was scored; input-dependent methods solve their knob on each task's own inputs, "
+        "static ones fit the study's sequence lengths. A cell is *matched* when |c − target| ≤ 0.02; `matched` "
+        "counts the matched tasks, and only those enter retention and the differences below (the others are "
+        "listed under *Unmatched cells*). Retention = mean primary accuracy (acc_norm where the task defines it, "
+        "else acc) of the pruned model ÷ the dense model's on the same items; 95% CI from a paired bootstrap over "
+        "items. `c tasks` = mean [min, max] over tasks; `c wiki` over the WikiText-2 windows ± its spread across "
+        "windows (* = unmatched); `c(probe)` on the latency probe. `ppl_ratio` = perplexity ÷ the dense model's "
+        "on exactly the same predictions (SDTP keeps logits at part of the positions: `scored_fraction` rows).",
         "",
         "```",
         format_summary(summary),
         "```",
         "",
+        "## Unmatched cells",
+        "",
+        "```",
+        format_unmatched(unmatched_cells(rows[rows["method"] != "dense"])),
+        "```",
+        "",
         "## Method against method",
         "",
-        "Retention of A minus retention of B at the same target sparsity, on the items both were scored on, with a "
+        "Retention of A minus retention of B at the same target sparsity, on the matched tasks and items both were "
+        "scored on, with a "
         "95% CI from one paired bootstrap (the same resampled items for dense, A and B). `significant` = the CI "
         "excludes 0.",
         "",

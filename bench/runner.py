@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from bench.artifacts import ensure_calibrated
 from bench.errors import BenchError
+from bench.matching import PROTOCOL, MatchResult, Workload, is_matched, solve_knob
 from bench.models import DEFAULT_MODEL, load_model, validate_model_name
 from bench.paths import REPO_ROOT
 from bench.store import Store, cell_hash
@@ -112,6 +113,8 @@ class Runner:
         self.cells_skipped: list[str] = []
         self.run_cells: list[str] = []
         self.model, self.tokenizer = model, tokenizer
+        self._shapes: dict[tuple[str, bool], list[tuple[int, int]]] = {}
+        self._dense_ppl: dict[tuple, Any] = {}
 
     # -- provenance -------------------------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
@@ -130,14 +133,22 @@ class Runner:
 
     def unit_settings(self) -> dict[str, dict[str, Any]]:
         c = self.config
-        units = {task: {"limit": c.limit} for task in self.tasks}
+        # "protocol": how compute is matched and counted (bench.matching); a new value re-measures older cells
+        units = {task: {"limit": c.limit, "batch_size": c.batch_size, "protocol": PROTOCOL} for task in self.tasks}
         if c.measure_ppl:
-            # "flops": what the unit counts (a new value re-measures cells written before the per-window count)
-            units["wikitext2"] = {"seq_len": c.ppl_seq_len, "windows": c.ppl_windows, "flops": "every window"}
+            units["wikitext2"] = {"seq_len": c.ppl_seq_len, "windows": c.ppl_windows, "protocol": PROTOCOL}
         if c.measure_efficiency:
             units["efficiency"] = {"batch": c.latency_batch, "seq_len": c.latency_seq_len,
-                                   "repeats": c.latency_repeats, "decode_tokens": c.decode_tokens}
+                                   "repeats": c.latency_repeats, "decode_tokens": c.decode_tokens,
+                                   "protocol": PROTOCOL}
         return units
+
+    def cell_settings(self, method: Method, unit: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """A length-fitted static method's accuracy cells depend on every task of the study (its pruned model is
+        chosen on their pooled forwards), so the task list is part of their identity."""
+        if unit in self.tasks and fits_lengths(method):
+            return {**settings, "pool": list(self.tasks)}
+        return settings
 
     # -- the study --------------------------------------------------------------------------------------------
     def run(self) -> list[str]:
@@ -154,7 +165,8 @@ class Runner:
         outer = tqdm(self.plan, desc="methods", disable=not c.progress)
         for method in outer:
             outer.set_postfix_str(f"{method.registry_name}@{method.sparsity:g}")
-            cells = {unit: cell_hash(self._identity(method, unit, s)) for unit, s in units.items()}
+            settings = {u: self.cell_settings(method, u, s) for u, s in units.items()}
+            cells = {unit: cell_hash(self._identity(method, unit, settings[unit])) for unit in units}
             self.run_cells.extend(cells.values())
             pending = [u for u in units if c.force or not self.store.is_complete(cells[u])]
             self.cells_skipped.extend(cells[u] for u in units if u not in pending)
@@ -164,14 +176,16 @@ class Runner:
                 m, self.model, self.tokenizer, c.model, seed=c.seed, force=False))
             for unit in pending:
                 stage = "accuracy" if unit in self.tasks else unit
+                method.set_knob(None)
                 rows, samples = self.clock.timed(stage, lambda u=unit, m=method: self.measure(m, u, units[u]))
                 common = {**self._common(), "cell": cells[unit], "method": method.registry_name,
                           "method_params": json.dumps(method.config(), sort_keys=True, default=str),
                           "target_sparsity": method.sparsity, "artifact": artifact.get("key_hash"),
                           "calibration": json.dumps(artifact, default=str)}
                 rows = [{**common, **row} for row in rows]
-                identity = {**self._identity(method, unit, units[unit]), "stats": method.stats(),
+                identity = {**self._identity(method, unit, settings[unit]), "stats": method.stats(),
                             "host": platform.node()}
+                method.set_knob(None)
                 self.store.write(cells[unit], identity, rows, samples)
                 self.cells_written.append(cells[unit])
         return self.run_cells
@@ -183,23 +197,80 @@ class Runner:
             return self.measure_efficiency(method, settings), None
         return self.measure_accuracy(method, unit, settings)
 
-    def measure_accuracy(self, method: Method, task: str, settings: dict[str, Any]):
+    # -- matching ---------------------------------------------------------------------------------------------
+    def dense_flops(self, batch: int, width: int) -> int:
+        """The dense model's decoder FLOPs on a [batch, width] forward (equal to its FlopCounterMode count)."""
+        from bench.flops import analytic_decoder_flops
+
+        return analytic_decoder_flops(self.model.config, width, batch=batch, num_layers=self.dense_layers)
+
+    def task_shapes(self, task: str, sequence_dependent: bool) -> list[tuple[int, int]]:
+        """The (batch, width) of every forward the evaluator will run on `task`, read without running the model
+        (lm-eval builds the requests, the engine plans its batches)."""
         from lm_eval.evaluator import evaluate
 
-        from bench.evaluate import BenchLM, measure_task_flops
-        from bench.flops import analytic_decoder_flops
+        from bench.evaluate import BenchLM
+        from bench.tasks import build_task_dict
+
+        key = (task, sequence_dependent)
+        if key not in self._shapes:
+            lm = BenchLM(self.model, self.tokenizer, batch_size=self.config.batch_size,
+                         sequence_dependent=sequence_dependent, progress=False, plan_only=True)
+            evaluate(lm=lm, task_dict=build_task_dict([task]), limit=self.config.limit, bootstrap_iters=0,
+                     verbosity="ERROR")
+            self._shapes[key] = [f.shape for f in lm.workload]
+        return self._shapes[key]
+
+    def fit(self, method: Method, shapes: list[tuple[int, int]]) -> MatchResult:
+        """Static methods: choose the pruned model for these forwards (a no-op for layer removal)."""
+        result = MatchResult(target=method.sparsity)
+        fitted = method.fit_lengths(self.model.config, shapes)
+        if fitted:
+            result.knob, result.value = fitted["knob"], float(fitted["value"])
+        return result
+
+    def solve(self, method: Method, model, workload: Workload) -> MatchResult:
+        """Input-dependent methods: solve the knob on this unit's forwards (inside the live apply())."""
+        result = solve_knob(method, model, workload, self.dense_flops)
+        method.reset_stats()
+        return result
+
+    @staticmethod
+    def match_columns(match: MatchResult, measured: float | None) -> dict[str, Any]:
+        matched = is_matched(measured, match.target)
+        reason = match.reason or (None if matched else f"c = {measured} is off the target {match.target:g} "
+                                  "by more than 0.02 on the scored inputs")
+        return {"measured_sparsity": measured, "matched": matched, "knob": match.knob,
+                "knob_value": match.value, "unmatched_reason": None if matched else reason}
+
+    # -- units ------------------------------------------------------------------------------------------------
+    def measure_accuracy(self, method: Method, task: str, settings: dict[str, Any]):
+        """Accuracy, and compute sparsity counted with FlopCounterMode on every forward exactly as it was scored
+        (same batches, padding and protected positions)."""
+        from lm_eval.evaluator import evaluate
+
+        from bench.evaluate import BenchLM
         from bench.tasks import TASKS, build_task_dict
 
+        match = MatchResult(target=method.sparsity)
+        if fits_lengths(method):
+            pooled = [s for t in self.tasks for s in self.task_shapes(t, method.sequence_dependent)]
+            match = self.fit(method, pooled)
         task_dict = build_task_dict([task])
         with method.apply(self.model) as pruned:
+            def on_workload(forwards) -> None:
+                nonlocal match
+                if method.knob(self.model.config) is not None:
+                    match = self.solve(method, pruned, Workload([(f.input_ids, f.scored, f.kwargs)
+                                                                 for f in forwards]))
+
             lm = BenchLM(pruned, self.tokenizer, batch_size=self.config.batch_size,
-                         sequence_dependent=method.sequence_dependent, progress=self.config.progress)
+                         sequence_dependent=method.sequence_dependent, progress=self.config.progress,
+                         dense_flops=self.dense_flops, on_workload=on_workload)
             out = evaluate(lm=lm, task_dict=task_dict, limit=settings["limit"], log_samples=True,
                            bootstrap_iters=1000, verbosity="ERROR")
-            probes = lm.engine.probes.get(task) or next(iter(lm.engine.probes.values()), [])
-            flops, lengths = measure_task_flops(pruned, probes)
-        dense_flops = sum(analytic_decoder_flops(self.model.config, n, num_layers=self.dense_layers) for n in lengths)
-        measured = 1.0 - flops / dense_flops if dense_flops else None
+        tally = lm.engine.flops
+        base = {"task": task, "limit": settings["limit"], **self.match_columns(match, tally.sparsity)}
         result = out["results"][task]
         n_items = len(out["samples"][task])
         rows = []
@@ -207,40 +278,58 @@ class Runner:
             if f"{metric},none" not in result:
                 continue
             stderr = result.get(f"{metric}_stderr,none")
-            rows.append({"task": task, "metric": metric, "value": float(result[f"{metric},none"]),
-                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                         "n": n_items, "limit": settings["limit"], "measured_sparsity": measured})
+            rows.append({**base, "metric": metric, "value": float(result[f"{metric},none"]),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n_items})
+        # what the compute sparsity covers: every request scored (n), their tokens, the FLOP sums
+        rows += [{**base, "metric": "compute_sparsity", "value": tally.sparsity, "n": tally.items},
+                 {**base, "metric": "scored_tokens", "value": float(tally.tokens), "n": tally.items},
+                 {**base, "metric": "decoder_flops", "value": float(tally.executed), "n": tally.items},
+                 {**base, "metric": "dense_decoder_flops", "value": float(tally.dense), "n": tally.items}]
         samples = [{"doc_id": s["doc_id"], **{m: float(s[m]) for m in TASKS[task].metrics if m in s},
                     "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]]}
                    for s in out["samples"][task]]
         return rows, samples
 
+    def dense_perplexity(self, windows: torch.Tensor):
+        """The dense model's per-prediction NLL on these windows (once per run), for ppl on the same positions."""
+        from bench.perplexity import perplexity
+
+        key = (tuple(windows.shape), int(windows.sum()))
+        if key not in self._dense_ppl:
+            self._dense_ppl[key] = perplexity(self.model, windows, progress=False)
+        return self._dense_ppl[key]
+
     def measure_perplexity(self, method: Method, settings: dict[str, Any]) -> list[dict[str, Any]]:
-        """Perplexity, and compute sparsity counted with FlopCounterMode on every window: the first window is the
-        latency probe's input (`measured_sparsity`), the rest show how much a data-dependent method (argmax
-        routing) varies from one input to the next."""
-        from bench.flops import analytic_decoder_flops, count_flops
-        from bench.perplexity import perplexity, wikitext_windows
-        from methods.base import scoring
+        """Perplexity with the knob solved on the windows themselves; compute sparsity counted with FlopCounterMode
+        on every window as it was scored (`measured_sparsity`: all windows; `compute_sparsity_sd`: spread across
+        windows); `ppl_ratio`: the method's perplexity ÷ the dense model's on exactly the same predictions."""
+        from bench.perplexity import wikitext_windows
 
         windows = wikitext_windows(self.tokenizer, settings["seq_len"], settings["windows"])
+        match = self.fit(method, [(1, windows.shape[1])] * len(windows)) if fits_lengths(method) \
+            else MatchResult(target=method.sparsity)
         with method.apply(self.model) as pruned:
-            result = perplexity(pruned, windows, progress=self.config.progress)
-            executed = []
-            for window in windows:
-                ids = window[None].to(self.device)
-                with scoring(torch.zeros_like(ids, dtype=torch.bool)):
-                    executed.append(count_flops(pruned, ids).decoder)
-        dense = analytic_decoder_flops(self.model.config, windows.shape[1], num_layers=self.dense_layers)
-        per_window = np.array([1.0 - flops / dense for flops in executed])
+            if method.knob(self.model.config) is not None:
+                workload = Workload([(w[None], torch.zeros(1, len(w), dtype=torch.bool), {}) for w in windows])
+                match = self.solve(method, pruned, workload)
+            from bench.perplexity import perplexity
+
+            result = perplexity(pruned, windows, progress=self.config.progress, count_flops=True)
+        dense = self.dense_perplexity(windows)
+        dense_window = self.dense_flops(1, windows.shape[1])
+        per_window = np.array([1.0 - flops / dense_window for flops in result.executed_flops])
         spread = float(per_window.std(ddof=1)) if len(per_window) > 1 else 0.0
+        # All windows have one length, so the mean of the per-window values is one division of integer sums:
+        # exact to the last bit on every CPU (numpy's SIMD mean is not, and the gate compares exactly).
+        measured = 1.0 - sum(result.executed_flops) / (dense_window * len(result.executed_flops))
         base = {"task": "wikitext2", "n": result.windows, "seq_len": result.seq_len,
-                "measured_sparsity": float(per_window[0])}
+                **self.match_columns(match, measured)}
+        dense_same = dense.ppl_on(result.scored)
         return [{**base, "metric": "ppl", "value": result.ppl},
+                {**base, "metric": "dense_ppl_same_positions", "value": dense_same},
+                {**base, "metric": "ppl_ratio", "value": result.ppl / dense_same},
                 {**base, "metric": "scored_fraction", "value": result.nll_tokens / result.predictions},
-                # All windows have one length, so the mean of the per-window values is one division of integer
-                # sums: exact to the last bit on every CPU (numpy's SIMD mean is not, and the gate compares exactly).
-                {**base, "metric": "compute_sparsity", "value": 1.0 - sum(executed) / (dense * len(executed)),
+                {**base, "metric": "compute_sparsity", "value": measured,
                  "stderr": spread / np.sqrt(len(per_window))},
                 {**base, "metric": "compute_sparsity_sd", "value": spread}]
 
@@ -252,6 +341,10 @@ class Runner:
         n, b = settings["seq_len"], settings["batch"]
         ids = wikitext_windows(self.tokenizer, n, b).to(self.device)
         dense_flops = count_flops(self.model, ids).decoder
+        match = self.fit(method, [(b, n)]) if fits_lengths(method) else MatchResult(target=method.sparsity)
+        if method.knob(self.model.config) is not None:
+            with method.apply(self.model) as pruned:  # the solved knob stays set for the timed apply()s below
+                match = self.solve(method, pruned, Workload([(ids, torch.zeros_like(ids, dtype=torch.bool), {})]))
         dense_lat, pruned_lat = interleaved_latency(self.model, lambda: method.apply(self.model), ids,
                                                     repeats=settings["repeats"], new_tokens=settings["decode_tokens"])
         with method.apply(self.model) as pruned:
@@ -259,8 +352,8 @@ class Runner:
             memory = peak_memory_mb(pruned, ids)
             params = parameter_count(pruned)
         measured = 1.0 - flops / dense_flops
-        base = {"task": "efficiency", "batch": b, "seq_len": n, "measured_sparsity": measured,
-                "n": settings["repeats"]}
+        base = {"task": "efficiency", "batch": b, "seq_len": n, "n": settings["repeats"],
+                **self.match_columns(match, measured)}
         spread = pruned_lat.prefill_spread * pruned_lat.prefill_median * 1000
         return [
             {**base, "metric": "decoder_flops", "value": float(flops)},
@@ -275,3 +368,7 @@ class Runner:
             {**base, "metric": "params", "value": float(params)},
         ]
 
+
+def fits_lengths(method: Method) -> bool:
+    """Does this static method choose its pruned model from the study's sequence lengths (BlockPruner)?"""
+    return type(method).fit_lengths is not Method.fit_lengths

@@ -30,6 +30,8 @@ SCHEMA: dict[str, str] = {
     "batch_size": "Int64", "seed": "Int64", "device": "string", "dtype": "string", "threads": "Int64",
     "torch": "string", "transformers": "string", "lm_eval": "string", "bench": "string", "git_commit": "string",
     "artifact": "string", "calibration": "string", "timestamp": "string",
+    # the matching protocol (bench.matching): |measured − target| <= 0.02, the knob solved or fitted, and why not
+    "matched": "boolean", "knob": "string", "knob_value": "float64", "unmatched_reason": "string",
 }
 
 

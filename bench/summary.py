@@ -1,5 +1,7 @@
-"""From tidy rows to the per (method, sparsity) summary: measured sparsity, mean accuracy, accuracy retention
-with a paired bootstrap confidence interval, perplexity, FLOPs ratio and measured prefill speedup."""
+"""From tidy rows to the per (method, sparsity) summary: compute sparsity measured on the scored task items (mean,
+range, how many tasks are matched), mean accuracy and accuracy retention with a paired bootstrap confidence
+interval over the matched tasks only, perplexity and its ratio to dense on the same positions, FLOPs ratio and
+measured prefill speedup. Cells whose c is off the target by more than 0.02 are listed, never compared."""
 
 from __future__ import annotations
 
@@ -33,6 +35,20 @@ def accuracy_rows(rows: pd.DataFrame) -> pd.DataFrame:
     acc = rows[~rows["task"].isin(["wikitext2", "efficiency"])]
     keep = acc.apply(lambda r: r["metric"] == primary_metric(r["task"]), axis=1) if len(acc) else []
     return acc[keep] if len(acc) else acc
+
+
+def matched_only(acc: pd.DataFrame) -> pd.DataFrame:
+    """The cells compared: compute sparsity on the scored items within ±0.02 of the target (bench.matching)."""
+    return acc[acc["matched"].fillna(False).astype(bool)]
+
+
+def unmatched_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """Every cell left out of the comparison, with the c it reached and why."""
+    cells = rows.drop_duplicates("cell")
+    off = cells[~cells["matched"].fillna(False).astype(bool)]
+    columns = [c for c in ("method", "target_sparsity", "task", "measured_sparsity", "knob", "knob_value",
+                           "unmatched_reason") if c in off]
+    return off[columns].sort_values(["method", "target_sparsity", "task"]).reset_index(drop=True)
 
 
 def _item_scores(store: Store, cell: str, metric: str) -> dict[int, float]:
@@ -108,25 +124,32 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
     all_acc = accuracy_rows(rows)
     for key, group in rows.groupby(group_keys, dropna=False, sort=False):
         model, method, target, seed, device, dtype = key
-        g_acc = accuracy_rows(group)
+        g_all = accuracy_rows(group)
+        g_acc = matched_only(g_all)
         d_acc = _dense_accuracy(all_acc, model, seed, device, dtype, set(g_acc["limit"].dropna()))
         d_acc = d_acc[d_acc["task"].isin(g_acc["task"])]
         pruned_cells = dict(zip(g_acc["task"], g_acc["cell"], strict=False))
         dense_cells = dict(zip(d_acc["task"], d_acc["cell"], strict=False))
         retention, lo, hi = paired_retention(store, dense_cells, pruned_cells, seed=int(seed))
         eff = group[group["task"] == "efficiency"].set_index("metric")["value"]
-        wiki = group[group["task"] == "wikitext2"].groupby("metric")["value"].first()
-        tasks_sparsity = g_acc["measured_sparsity"]
+        wiki_rows = group[group["task"] == "wikitext2"]
+        wiki = wiki_rows.groupby("metric")["value"].first()
+        tasks_sparsity = g_all["measured_sparsity"].astype(float)
         out.append({
             "method": method, "target": target,
-            "sparsity@512": eff.get("compute_sparsity", np.nan),
-            "sparsity(tasks)": tasks_sparsity.mean() if len(tasks_sparsity) else np.nan,
-            "sparsity(wiki)": wiki.get("compute_sparsity", np.nan),
-            "sparsity_sd(wiki)": wiki.get("compute_sparsity_sd", np.nan),
+            "c(tasks)": tasks_sparsity.mean() if len(tasks_sparsity) else np.nan,
+            "c_min(tasks)": tasks_sparsity.min() if len(tasks_sparsity) else np.nan,
+            "c_max(tasks)": tasks_sparsity.max() if len(tasks_sparsity) else np.nan,
+            "matched": f"{len(g_acc)}/{len(g_all)}",
+            "c(wiki)": wiki.get("compute_sparsity", np.nan),
+            "c_sd(wiki)": wiki.get("compute_sparsity_sd", np.nan),
+            "wiki_matched": bool(wiki_rows["matched"].fillna(False).all()) if len(wiki_rows) else False,
+            "c(probe)": eff.get("compute_sparsity", np.nan),
             "mean_acc": g_acc["value"].mean() if len(g_acc) else np.nan,
             "tasks": len(g_acc),
             "retention": retention, "ret_lo": lo, "ret_hi": hi,
             "ppl": wiki.get("ppl", np.nan),
+            "ppl_ratio": wiki.get("ppl_ratio", np.nan),
             "flops_ratio": eff["decoder_flops"] / eff["dense_decoder_flops"] if "decoder_flops" in eff else np.nan,
             "prefill_speedup": eff.get("prefill_speedup", np.nan),
             "model": model,
@@ -140,8 +163,9 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
 
 def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
     """Every ordered pair of pruned methods run at the same (model, target sparsity, seed, device, dtype, limit):
-    retention(A) − retention(B) with its paired-bootstrap 95% CI, and whether the CI excludes 0."""
-    acc = accuracy_rows(rows)
+    retention(A) − retention(B) over the tasks matched for both, with its paired-bootstrap 95% CI, and whether
+    the CI excludes 0."""
+    acc = matched_only(accuracy_rows(rows))
     out = []
     keys = ["model", "target_sparsity", "seed", "device", "dtype", "limit"]
     for key, group in acc.groupby(keys, dropna=False, sort=True):
@@ -178,9 +202,18 @@ def format_summary(frame: pd.DataFrame) -> str:
     shown["retention (95% CI)"] = [
         f"{r:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(r) else "-"
         for r, lo, hi in zip(shown["retention"], shown["ret_lo"], shown["ret_hi"], strict=True)]
-    shown["sparsity(wiki)"] = [f"{c:.3f}±{sd:.3f}" if np.isfinite(c) else "-"
-                               for c, sd in zip(shown["sparsity(wiki)"], shown["sparsity_sd(wiki)"], strict=True)]
-    shown = shown.drop(columns=["retention", "ret_lo", "ret_hi", "model", "sparsity_sd(wiki)"])
-    cols = ["method", "target", "sparsity@512", "sparsity(wiki)", "sparsity(tasks)", "mean_acc",
-            "retention (95% CI)", "ppl", "flops_ratio", "prefill_speedup", "tasks"]
+    shown["c tasks [min, max]"] = [f"{c:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(c) else "-"
+                                   for c, lo, hi in zip(shown["c(tasks)"], shown["c_min(tasks)"],
+                                                        shown["c_max(tasks)"], strict=True)]
+    shown["c wiki"] = [(f"{c:.3f}±{sd:.3f}" + ("" if ok else "*")) if np.isfinite(c) else "-"
+                       for c, sd, ok in zip(shown["c(wiki)"], shown["c_sd(wiki)"], shown["wiki_matched"],
+                                            strict=True)]
+    cols = ["method", "target", "c tasks [min, max]", "matched", "c wiki", "c(probe)", "mean_acc",
+            "retention (95% CI)", "ppl", "ppl_ratio", "prefill_speedup"]
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+
+
+def format_unmatched(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(every cell is matched: |c − target| <= 0.02 on the scored inputs)"
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")

@@ -85,6 +85,47 @@ def current_scoring() -> ScoringContext | None:
     return _SCORING.get()
 
 
+# --- the matching protocol and the stats every method reports --------------------------------------------
+@dataclass(frozen=True)
+class Knob:
+    """An input-dependent method's inference-time setting that moves its compute sparsity monotonically. The
+    harness solves it on each unit's own inputs (never labels) so that c is within ±0.02 of the target."""
+
+    name: str
+    value: float  # where the solve starts (the calibrated or reference-length value)
+    low: float
+    high: float
+    increasing: bool  # True: c grows with the value
+
+
+@dataclass
+class MethodStats:
+    """One vocabulary for what a method did on the forwards since apply() (static methods: by construction).
+
+    compute_sparsity: 1 − executed/dense decoder FLOPs by the method's own accounting (routers and predictors
+        included); None before any forward of a method whose compute depends on the input.
+    token_layer_sparsity: 1 − the mean over decoder layers of the fraction of tokens each layer computed.
+    per_layer_computed_fraction: per decoder layer, the fraction of tokens it computed (0 = removed layer; a
+        layer with one of two sub-blocks removed counts as computing its tokens).
+    removed_units: what is gone for good ("layer 7", "mha 25", "mlp 3"); token methods remove nothing.
+    knob / knob_value: the matching knob and its value in force (None for methods without one).
+    details: method-specific extras (flat in the dict form)."""
+
+    compute_sparsity: float | None
+    token_layer_sparsity: float | None
+    per_layer_computed_fraction: list[float]
+    removed_units: list[str]
+    knob: str | None = None
+    knob_value: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("compute_sparsity", "token_layer_sparsity",
+                                           "per_layer_computed_fraction", "removed_units", "knob", "knob_value")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.details, **{k: getattr(self, k) for k in self.REQUIRED}}
+
+
 @dataclass
 class Method:
     """Base class. `sparsity` is the target compute sparsity c = 1 - F_exec/F_dense of the decoder blocks."""
@@ -101,8 +142,13 @@ class Method:
     # True when decisions depend on the whole sequence (token routing): the evaluator must not pad batches
     # and must not share prefixes across sequences.
     sequence_dependent: ClassVar[bool] = False
+    # The registry name (a variant's, e.g. "ftp-topk"), set by make_method; the class name otherwise.
+    registry_name: ClassVar[str] = ""
+    # What calibrate() wants from the harness: {"n_samples", "seq_len", "source"}; {} = the harness default.
+    default_calibration: ClassVar[dict] = {}
 
     _artifact: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _knob_value: float | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not (0.0 <= float(self.sparsity) < 1.0) \
@@ -141,6 +187,35 @@ class Method:
         """Turn `model` into the pruned model in place; restore the dense model on exit."""
         yield model
 
+    # -- matching (the harness's protocol, README "What is measured") ----------------------------------------
+    def knob(self, config) -> Knob | None:
+        """Input-dependent methods: the knob the harness solves on each unit's inputs. None: c does not depend on
+        the inputs' content (layer and block removal)."""
+        return None
+
+    def set_knob(self, value: float | None) -> None:
+        """Use this knob value from now on (also inside a live apply()); None: back to the method's own."""
+        if value is not None:
+            raise MethodConfigError(f"{self.name} has no matching knob")
+
+    def row_flops(self, config, width: int, scored: torch.Tensor | None) -> int | None:
+        """Executed decoder FLOPs of one unpadded row of `width` tokens (scored: [width] bool) at the current knob,
+        where they follow from the row's shape alone (exact budgets); None where they depend on its content (an
+        argmax router). The harness then solves the knob by arithmetic; tests check it equals FlopCounterMode."""
+        return None
+
+    def fit_lengths(self, config, shapes: list[tuple[int, int]]) -> dict[str, Any] | None:
+        """Static methods whose compute share depends on sequence length (BlockPruner): choose the pruned model
+        for the study's real (batch, width) forwards. Returns {"knob", "value"} or None if nothing depends on it."""
+        return None
+
+    def reset_stats(self) -> None:
+        """Forget the forwards counted so far (the harness calls it after solving the knob)."""
+
     def stats(self) -> dict[str, Any]:
-        """What actually happened on the forwards since apply(): blocks removed, tokens computed, ..."""
-        return {}
+        """What actually happened on the forwards since apply(), in `MethodStats`' vocabulary (flat dict)."""
+        return self.measured_stats().as_dict()
+
+    def measured_stats(self) -> MethodStats:
+        return MethodStats(compute_sparsity=0.0, token_layer_sparsity=0.0, per_layer_computed_fraction=[],
+                           removed_units=[])

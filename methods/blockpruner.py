@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DummyLayer
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from bench.flops import LayerFlopCoefficients
-from methods.base import CalibrationSet, Method, MethodConfigError
+from methods.base import CalibrationSet, Method, MethodConfigError, MethodStats
 
 BLOCK_KINDS = ("mha", "mlp")
 Block = tuple[str, int]  # (kind, layer index): ("mha", 25) is layer 25's attention block
@@ -152,11 +152,15 @@ def removed_blocks(model, blocks: Sequence[Block]) -> Iterator[object]:
 
 
 # --- compute and parameter shares -----------------------------------------------------------------------------
-def block_compute_shares(config, seq_len: int) -> dict[str, float]:
-    """Share of dense decoder FLOPs one block carries at `seq_len` tokens (methods.md §5)."""
+def block_compute_shares(config, seq_len: int | None = None,
+                         shapes: Sequence[tuple[int, int]] | None = None) -> dict[str, float]:
+    """Share of dense decoder FLOPs one block carries (methods.md §5), over the given (batch, width) forwards
+    (the study's real inputs) or, without them, one row of `seq_len` tokens. An MHA block's share grows with N."""
     coeff = LayerFlopCoefficients.from_config(config)
-    dense = config.num_hidden_layers * coeff.layer(seq_len)
-    return {"mha": coeff.attention(seq_len) / dense, "mlp": coeff.mlp(seq_len) / dense}
+    shapes = list(shapes) if shapes else [(1, seq_len)]
+    dense = sum(b * config.num_hidden_layers * coeff.layer(n) for b, n in shapes)
+    return {"mha": sum(b * coeff.attention(n) for b, n in shapes) / dense,
+            "mlp": sum(b * coeff.mlp(n) for b, n in shapes) / dense}
 
 
 def prefix_compute_sparsity(order: Sequence[Block], shares: dict[str, float]) -> list[float]:
@@ -376,16 +380,27 @@ class BlockPruner(Method):
                                     f"the model has {num_layers}; recalibrate for this model (calibrate --force)")
         return _check_blocks([tuple(block) for block in artifact["deletion_order"]], num_layers)
 
+    def fit_lengths(self, config, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+        """The harness's matching rule for this static method: pick the prefix by the compute shares of the
+        study's real (batch, width) forwards instead of `reference_seq_len`."""
+        self._shapes = [(int(b), int(n)) for b, n in shapes]
+        return {"knob": "prefix_length", "value": self.prefix_length(config)}
+
+    def shares(self, config) -> dict[str, float]:
+        shapes = getattr(self, "_shapes", None)
+        return block_compute_shares(config, self.reference_seq_len, shapes)
+
     def prefix_length(self, config) -> int:
-        """k whose prefix's compute sparsity at reference_seq_len is closest to the target (tie -> smaller k)."""
+        """k whose prefix's compute sparsity (on the fitted forwards, else at reference_seq_len) is closest to the
+        target (tie -> smaller k)."""
         order = self.deletion_order(config.num_hidden_layers)
-        shares = block_compute_shares(config, self.reference_seq_len)
+        shares = self.shares(config)
         sparsities = prefix_compute_sparsity(order, shares)
         k = min(range(len(sparsities)), key=lambda i: (abs(sparsities[i] - self.sparsity), i))
         if self.sparsity - sparsities[-1] > min(shares.values()) / 2:
             raise MethodConfigError(
                 f"blockpruner: target sparsity {self.sparsity} needs more blocks than the search produced "
-                f"({len(order)} blocks reach {sparsities[-1]:.3f} at N={self.reference_seq_len}); raise "
+                f"({len(order)} blocks reach {sparsities[-1]:.3f} on these inputs); raise "
                 "search_steps and recalibrate")
         return k
 
@@ -394,22 +409,27 @@ class BlockPruner(Method):
         config = model.config
         k = self.prefix_length(config)
         removed = self.deletion_order(config.num_hidden_layers)[:k]
-        shares = block_compute_shares(config, self.reference_seq_len)
+        shares = self.shares(config)
         total_params = sum(p.numel() for p in model.parameters())
         removed_params = sum(_block_parameters(model.model.layers[layer], kind) for kind, layer in removed)
         perplexities = self.artifact["perplexities"]
-        self._stats = {
-            "prefix_length": k,
-            "blocks_removed": [list(block) for block in removed],
-            "mha_removed": sum(kind == "mha" for kind, _ in removed),
-            "mlp_removed": sum(kind == "mlp" for kind, _ in removed),
-            "analytic_compute_sparsity": prefix_compute_sparsity(removed, shares)[-1],
-            "reference_seq_len": self.reference_seq_len,
-            "parameter_ratio": removed_params / total_params,
-            "calibration_perplexity": perplexities[k - 1] if k else self.artifact["dense_perplexity"],
-        }
+        both = {layer for kind, layer in removed if kind == "mha"} & {layer for kind, layer in removed if kind == "mlp"}
+        fractions = [0.0 if i in both else 1.0 for i in range(config.num_hidden_layers)]
+        self._stats = MethodStats(
+            compute_sparsity=prefix_compute_sparsity(removed, shares)[-1],
+            token_layer_sparsity=1.0 - sum(fractions) / len(fractions),
+            per_layer_computed_fraction=fractions,
+            removed_units=[f"{kind} {layer}" for kind, layer in removed],
+            knob="prefix_length", knob_value=float(k),
+            details={"prefix_length": k, "blocks_removed": [list(block) for block in removed],
+                     "mha_removed": sum(kind == "mha" for kind, _ in removed),
+                     "mlp_removed": sum(kind == "mlp" for kind, _ in removed),
+                     "fitted_forwards": len(getattr(self, "_shapes", None) or []),
+                     "reference_seq_len": None if getattr(self, "_shapes", None) else self.reference_seq_len,
+                     "parameter_ratio": removed_params / total_params,
+                     "calibration_perplexity": perplexities[k - 1] if k else self.artifact["dense_perplexity"]})
         with removed_blocks(model, removed) as pruned:
             yield pruned
 
-    def stats(self) -> dict:
-        return dict(getattr(self, "_stats", {}))
+    def measured_stats(self) -> MethodStats:
+        return getattr(self, "_stats", None) or MethodStats(None, None, [], [], knob="prefix_length")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from methods.base import Method, MethodConfigError
+from methods.base import Method, MethodConfigError, MethodStats
 
 
 @dataclass
@@ -17,5 +17,6 @@ class Dense(Method):
         if self.sparsity != 0.0:
             raise MethodConfigError("dense has sparsity 0 by definition; drop --sparsity for it")
 
-    def stats(self) -> dict:
-        return {"layers_removed": []}
+    def measured_stats(self) -> MethodStats:
+        return MethodStats(compute_sparsity=0.0, token_layer_sparsity=0.0, per_layer_computed_fraction=[],
+                           removed_units=[], details={"layers_removed": []})

@@ -9,10 +9,20 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from methods.base import MethodStats
+
 
 def layers_to_remove(target_sparsity: float, num_layers: int) -> int:
     """n minimising |n/L - target| (tie -> smaller n): removing n of L layers gives compute sparsity n/L."""
     return min(range(num_layers), key=lambda n: (abs(n / num_layers - target_sparsity), n))
+
+
+def layer_removal_stats(removed: Sequence[int], num_layers: int) -> MethodStats:
+    """Every layer costs the same, so removing n of L layers gives compute sparsity n/L on any input."""
+    fraction = len(removed) / num_layers if num_layers else 0.0
+    return MethodStats(compute_sparsity=fraction, token_layer_sparsity=fraction,
+                       per_layer_computed_fraction=[0.0 if i in set(removed) else 1.0 for i in range(num_layers)],
+                       removed_units=[f"layer {i}" for i in removed], details={"layers_removed": list(removed)})
 
 
 @contextmanager

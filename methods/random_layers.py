@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
-from methods.base import Method
-from methods.layer_removal import layers_to_remove, removed_layers
+from methods.base import Method, MethodStats
+from methods.layer_removal import layer_removal_stats, layers_to_remove, removed_layers
 
 
 @dataclass
@@ -27,8 +27,5 @@ class RandomLayers(Method):
         with removed_layers(model, self._removed) as pruned:
             yield pruned
 
-    def stats(self) -> dict:
-        removed = getattr(self, "_removed", [])
-        num_layers = getattr(self, "_num_layers", 0)
-        return {"layers_removed": removed,
-                "token_layer_sparsity": len(removed) / num_layers if num_layers else 0.0}
+    def measured_stats(self) -> MethodStats:
+        return layer_removal_stats(getattr(self, "_removed", []), getattr(self, "_num_layers", 0))

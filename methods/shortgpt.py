@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from methods.base import CalibrationSet, Method, MethodConfigError
-from methods.layer_removal import layers_to_remove, removed_layers
+from methods.base import CalibrationSet, Method, MethodConfigError, MethodStats
+from methods.layer_removal import layer_removal_stats, layers_to_remove, removed_layers
 
 
 def block_influence(model, calibration: CalibrationSet, batch_size: int = 4,
@@ -94,10 +94,9 @@ class ShortGPT(Method):
         with removed_layers(model, self._removed) as pruned:
             yield pruned
 
-    def stats(self) -> dict:
+    def measured_stats(self) -> MethodStats:
         removed = getattr(self, "_removed", [])
-        num_layers = getattr(self, "_num_layers", 0)
         bi = self.artifact.get("block_influence", []) if self._artifact else []
-        return {"layers_removed": removed,
-                "token_layer_sparsity": len(removed) / num_layers if num_layers else 0.0,
-                "removed_block_influence": [bi[i] for i in removed] if bi else []}
+        stats = layer_removal_stats(removed, getattr(self, "_num_layers", 0))
+        stats.details["removed_block_influence"] = [bi[i] for i in removed] if bi else []
+        return stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 
 from bench.runner import RunConfig, Runner
 from bench.store import SCHEMA, Store
@@ -75,28 +76,95 @@ def test_resume_after_crash_recomputes_nothing_complete(tmp_path, tiny_with_real
 
 
 def test_wikitext_sparsity_is_counted_on_every_window(tmp_path, monkeypatch, tiny_with_real_vocab, real_tokenizer):
-    """The first window is the latency probe's input; the mean and spread over all windows show how a
-    data-dependent method varies by input. Planted FLOPs: windows at sparsity 0.2, 0.3, 0.1."""
-    import bench.flops
-    from bench.flops import FlopReport, analytic_decoder_flops
+    """c is counted on every window as it was scored; the spread over windows shows how a data-dependent method
+    varies by input. Planted FLOPs: windows at sparsity 0.2, 0.3, 0.1."""
+    import bench.perplexity
+    from bench.flops import analytic_decoder_flops
 
     config = _config(tmp_path, methods=["dense"], tasks=["piqa"], ppl_windows=3, measure_efficiency=False)
     dense = analytic_decoder_flops(tiny_with_real_vocab.config, config.ppl_seq_len)
     counts = [int(0.8 * dense), int(0.7 * dense), int(0.9 * dense)]
     planted = iter(counts)
 
-    def fake_count(model, input_ids, attention_mask=None):
-        flops = int(next(planted))
-        return FlopReport(total=flops, lm_head=0, decoder=flops)
+    def fake_count(model, **call):
+        return model(**call), int(next(planted))
 
-    monkeypatch.setattr(bench.flops, "count_flops", fake_count)
+    monkeypatch.setattr(bench.perplexity, "counted_forward", fake_count)
     runner = Runner(config, model=tiny_with_real_vocab, tokenizer=real_tokenizer)
     runner.device, runner.dense_layers = tiny_with_real_vocab.device, tiny_with_real_vocab.config.num_hidden_layers
     rows = pd.DataFrame(runner.measure_perplexity(runner.plan[0], runner.unit_settings()["wikitext2"]))
     by_metric = rows.set_index("metric")
-    assert rows["measured_sparsity"].tolist() == pytest.approx([0.2] * len(rows), abs=1e-6)  # the probe window
+    assert rows["measured_sparsity"].tolist() == pytest.approx([0.2] * len(rows), abs=1e-6)  # all windows
     assert by_metric.loc["compute_sparsity", "value"] == pytest.approx(0.2, abs=1e-6)  # (0.2 + 0.3 + 0.1) / 3
     # bit-exact on every CPU (the gate compares it exactly): one division of integer sums, no SIMD-order mean
     assert by_metric.loc["compute_sparsity", "value"] == 1.0 - sum(counts) / (dense * len(counts))
     assert by_metric.loc["compute_sparsity_sd", "value"] == pytest.approx(0.1, abs=1e-6)
     assert by_metric.loc["compute_sparsity", "stderr"] == pytest.approx(0.1 / 3 ** 0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["shortgpt", "sdtp"])
+def test_accuracy_cell_sparsity_is_counted_on_every_scored_forward(tmp_path, tiny_with_real_vocab, real_tokenizer,
+                                                                   name):
+    """c of an accuracy cell = 1 − Σ executed / Σ dense over every forward exactly as the evaluator ran it; the test
+    replays the evaluator's forwards (its own plan) and counts each one independently with FlopCounterMode."""
+    from lm_eval.evaluator import evaluate
+
+    from bench.evaluate import BenchLM
+    from bench.flops import analytic_decoder_flops, count_flops
+    from bench.tasks import build_task_dict
+    from methods.base import scoring
+
+    fields = {"sdtp": {"train_sequences": 2, "train_seq_len": 16, "first_stage_layer": 1, "stage_interval": 1}}.get(
+        name, {})
+    model, layers = tiny_with_real_vocab, tiny_with_real_vocab.config.num_hidden_layers
+    config = _config(tmp_path, methods=[name], tasks=["piqa"], measure_ppl=False, measure_efficiency=False)
+    runner = Runner(config, model=model, tokenizer=real_tokenizer)
+    for method in runner.plan:
+        for key, value in fields.items():
+            setattr(method, key, value)
+    runner.run()
+    rows = runner.store.load_rows()
+    cell = rows[(rows["method"] == name) & (rows["metric"] == "compute_sparsity")].iloc[0]
+    knob_value = cell["knob_value"]
+    method = runner.plan[1]
+    method.set_knob(None if pd.isna(knob_value) else float(knob_value))
+    lm = BenchLM(model, real_tokenizer, batch_size=config.batch_size, sequence_dependent=method.sequence_dependent,
+                 progress=False, plan_only=True)
+    evaluate(lm=lm, task_dict=build_task_dict(["piqa"]), limit=config.limit, bootstrap_iters=0, verbosity="ERROR")
+    executed = dense = 0
+    with method.apply(model) as pruned:
+        for forward in lm.workload:
+            with scoring(forward.scored):
+                executed += count_flops(pruned, forward.input_ids, **({"attention_mask": forward.kwargs[
+                    "attention_mask"]} if forward.kwargs else {})).decoder
+            dense += analytic_decoder_flops(model.config, forward.shape[1], batch=forward.shape[0], num_layers=layers)
+    assert cell["value"] == pytest.approx(1 - executed / dense, abs=1e-12)
+    assert cell["n"] == 6  # 3 items × 2 choices: every request counted
+    acc = rows[(rows["method"] == name) & (rows["metric"] == "acc_norm")].iloc[0]
+    assert acc["measured_sparsity"] == cell["value"] and acc["matched"] == (abs(cell["value"] - 0.25) <= 0.02)
+
+
+def test_sdtp_scores_are_the_same_at_batch_1_and_16(tmp_path, tiny_with_real_vocab, real_tokenizer):
+    """Per-row budgets and same-span batching: a row's log-likelihoods do not depend on its batch."""
+    from lm_eval.evaluator import evaluate
+
+    from bench.evaluate import BenchLM
+    from bench.tasks import build_task_dict
+    from methods import make_method
+    from methods.base import CalibrationSet
+
+    model = tiny_with_real_vocab
+    method = make_method("sdtp", sparsity=0.25, keep_ratio=0.6, train_sequences=2, train_seq_len=16, progress=False)
+    g = torch.Generator().manual_seed(0)
+    calibration = CalibrationSet.from_tensor(torch.randint(0, 1000, (4, 32), generator=g), "random-tokens")
+    method.load_artifact(method.calibrate(model, None, calibration))
+    scores = {}
+    for batch in (1, 16):
+        with method.apply(model) as pruned:
+            lm = BenchLM(pruned, real_tokenizer, batch_size=batch, sequence_dependent=True, progress=False)
+            out = evaluate(lm=lm, task_dict=build_task_dict(["openbookqa"]), limit=8, log_samples=True,
+                           bootstrap_iters=0, verbosity="ERROR")
+        scores[batch] = [[float(r[0]) for r in s["filtered_resps"]] for s in out["samples"]["openbookqa"]]
+        if batch == 16:
+            assert lm.engine.forwards < 32  # rows really were batched
+    torch.testing.assert_close(torch.tensor(scores[1]), torch.tensor(scores[16]), rtol=0, atol=1e-4)

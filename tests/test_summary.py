@@ -59,27 +59,57 @@ def test_a_clear_gap_is_significant_and_a_small_one_is_not():
     assert lo < 0.0 < hi
 
 
-def test_summary_shows_the_every_window_sparsity_and_its_spread():
+def _rows(store: _Samples, methods, matched_piqa: dict[str, bool] | None = None):
+    """Tidy rows for dense and methods (name, target, c on tasks, c wiki mean, sd) on piqa and winogrande."""
     import pandas as pd
 
+    common = {"model": "m", "seed": 0, "device": "cpu", "dtype": "torch.float32", "limit": 200}
+    rows = []
+    for name, target, c_tasks, mean, sd in methods:
+        for task in ("piqa", "winogrande"):
+            metric = "acc" if task == "winogrande" else "acc_norm"
+            matched = (matched_piqa or {}).get(name, True) if task == "piqa" else True
+            rows.append({**common, "method": name, "target_sparsity": target, "task": task, "metric": metric,
+                         "value": float(np.mean(store.scores[f"{task}/{name}"])), "cell": f"{task}/{name}",
+                         "measured_sparsity": c_tasks if matched else c_tasks - 0.1, "matched": matched,
+                         "unmatched_reason": None if matched else "out of reach"})
+        for metric, value in (("ppl", 30.0), ("ppl_ratio", 1.5), ("compute_sparsity", mean),
+                              ("compute_sparsity_sd", sd)):
+            rows.append({**common, "method": name, "target_sparsity": target, "task": "wikitext2", "metric": metric,
+                         "value": value, "cell": f"wiki/{name}", "measured_sparsity": mean, "matched": True})
+    return pd.DataFrame(rows)
+
+
+def test_summary_shows_the_every_window_sparsity_and_its_spread():
     from bench.summary import format_summary, summarize
 
     store = _store(np.random.default_rng(4), flips_a=0.1)
-    common = {"model": "m", "seed": 0, "device": "cpu", "dtype": "torch.float32", "limit": 200}
-    rows = []
-    for name, target, probe, mean, sd in (("dense", 0.0, 0.0, 0.0, 0.0), ("a", 0.25, 0.254, 0.265, 0.018)):
-        for task in ("piqa", "winogrande"):
-            metric = "acc" if task == "winogrande" else "acc_norm"
-            rows.append({**common, "method": name, "target_sparsity": target, "task": task, "metric": metric,
-                         "value": float(np.mean(store.scores[f"{task}/{name}"])), "cell": f"{task}/{name}",
-                         "measured_sparsity": probe})
-        for metric, value in (("ppl", 30.0), ("compute_sparsity", mean), ("compute_sparsity_sd", sd)):
-            rows.append({**common, "method": name, "target_sparsity": target, "task": "wikitext2", "metric": metric,
-                         "value": value, "cell": f"wiki/{name}", "measured_sparsity": probe})
-    frame = summarize(pd.DataFrame(rows), store)
+    rows = _rows(store, (("dense", 0.0, 0.0, 0.0, 0.0), ("a", 0.25, 0.254, 0.265, 0.018)))
+    frame = summarize(rows, store)
     line = frame.set_index("method").loc["a"]
-    assert (line["sparsity(wiki)"], line["sparsity_sd(wiki)"], line["ppl"]) == (0.265, 0.018, 30.0)
+    assert (line["c(wiki)"], line["c_sd(wiki)"], line["ppl"], line["ppl_ratio"]) == (0.265, 0.018, 30.0, 1.5)
+    assert line["matched"] == "2/2" and line["c(tasks)"] == pytest.approx(0.254)
     assert "0.265±0.018" in format_summary(frame) and "0.000±0.000" in format_summary(frame)
+
+
+def test_unmatched_cells_are_listed_and_left_out_of_retention_and_differences():
+    from bench.summary import pairwise_differences, summarize, unmatched_cells
+
+    store = _store(np.random.default_rng(5), flips_a=0.1, flips_b=0.3)
+    methods = (("dense", 0.0, 0.0, 0.0, 0.0), ("a", 0.25, 0.25, 0.25, 0.0), ("b", 0.25, 0.25, 0.25, 0.0))
+    rows = _rows(store, methods, matched_piqa={"b": False})
+    line = summarize(rows, store).set_index("method").loc["b"]
+    assert line["matched"] == "1/2" and line["tasks"] == 1
+    # retention over winogrande only: exactly the single-task ratio
+    only = {"winogrande": "winogrande/b"}
+    assert line["retention"] == pytest.approx(paired_retention(store, {"winogrande": "winogrande/dense"}, only)[0])
+    off = unmatched_cells(rows[rows["method"] != "dense"])
+    assert off[["method", "task"]].values.tolist() == [["b", "piqa"]]
+    assert off["unmatched_reason"].iloc[0] == "out of reach"
+    pairs = pairwise_differences(rows, store)
+    (diff,) = pairs["retention_a_minus_b"]  # a − b on winogrande alone, the one task matched for both
+    ra = paired_retention(store, {"winogrande": "winogrande/dense"}, {"winogrande": "winogrande/a"})[0]
+    assert diff == pytest.approx(ra - line["retention"])
 
 
 def test_current_rows_keep_the_newest_cell_of_each_setup():

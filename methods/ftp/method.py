@@ -51,9 +51,10 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from methods.base import CalibrationSet, Method, MethodConfigError
+from bench.flops import LayerFlopCoefficients
+from methods.base import CalibrationSet, Knob, Method, MethodConfigError, MethodStats
 from methods.ftp.block import ROUTERS, SELECTIONS, RoutingController, routed_model
-from methods.ftp.router import TokenRouter
+from methods.ftp.router import TokenRouter, keep_count
 from methods.ftp.schedule import (
     GAConfig,
     genetic_search,
@@ -357,15 +358,83 @@ class FTP(Method):
         self._controller = self.controller(model.config, schedule, router)
         self._controller.compute_threshold = float(self.artifact.get("compute_threshold", 0.5))
         self._controller.keep_first = self.keep_first_token
+        self._model_config = model.config
+        self._apply_knob()
         with routed_model(model, self._controller) as routed:
             yield routed
 
-    def stats(self) -> dict[str, Any]:
+    # -- matching knob ----------------------------------------------------------------------------------------
+    def knob(self, config) -> Knob | None:
+        """The learned argmax router whose calibration had to move the P(compute) threshold (its P hardly responds
+        to the schedule) is matched by that threshold; every other variant by the schedule scale (top-k, static
+        and random routers have exact budgets; an argmax router that follows s_i moves with the scale)."""
+        schedule = [float(s) for s in self.artifact["schedule"]]
+        if not any(s > 0 for s in schedule):
+            return None
+        threshold = float(self.artifact.get("compute_threshold", 0.5))
+        if self.router == "learned" and self.selection == "argmax" and threshold != 0.5:
+            return Knob("compute_threshold", threshold, low=0.0, high=1.0, increasing=True)
+        saturated = self.max_block_sparsity / min(s for s in schedule if s > 0)
+        return Knob("schedule_scale", float(self.artifact.get("schedule_scale", 1.0)), low=0.0, high=saturated,
+                    increasing=True)
+
+    def set_knob(self, value: float | None) -> None:
+        self._knob_value = value
+        if getattr(self, "_controller", None) is not None:
+            self._apply_knob()
+
+    def row_flops(self, config, width: int, scored: torch.Tensor | None) -> int | None:
+        """Exact budgets (top-k, static, random): block i computes ⌈(1 − s_i)·N⌉ tokens (block 0 and s_i = 0: all);
+        the learned router adds its MLP on every token of a routed block and the attention-table refresh
+        (2·H·n_i² for the n_i computed tokens) in every block a later routed block reads. Argmax: None."""
+        if self.router == "learned" and self.selection == "argmax":
+            return None
+        knob = self.knob(config)
+        scale = 1.0 if knob is None else (knob.value if self._knob_value is None else float(self._knob_value))
+        schedule = scaled_schedule(self.artifact["schedule"], scale, self.max_block_sparsity) if knob else \
+            list(self.artifact["schedule"])
+        coeff = LayerFlopCoefficients.from_config(config)
+        counts = [width if i == 0 or s <= 0 else keep_count(s, width) for i, s in enumerate(schedule)]
+        flops = sum(coeff.layer(n) for n in counts)
+        if self.router == "learned":
+            flops += sum(width * TokenRouter(self.router_hidden).flops_per_token
+                         for i, s in enumerate(schedule) if i > 0 and s > 0)
+            flops += sum(2 * config.num_attention_heads * n * n for i, n in enumerate(counts)
+                         if any(s > 0 for s in schedule[i + 1:]))
+        return flops
+
+    def _apply_knob(self) -> None:
+        ctl = self._controller
+        knob = self.knob(self._model_config)
+        if knob is None:
+            return
+        value = knob.value if self._knob_value is None else float(self._knob_value)
+        if knob.name == "compute_threshold":
+            ctl.compute_threshold = value
+        else:
+            ctl.schedule = scaled_schedule(self.artifact["schedule"], value, self.max_block_sparsity)
+
+    def reset_stats(self) -> None:
+        if getattr(self, "_controller", None) is not None:
+            self._controller.reset_stats()
+
+    def measured_stats(self) -> MethodStats:
         ctl = getattr(self, "_controller", None)
+        knob = self.knob(self._model_config) if ctl is not None else None
         if ctl is None:
-            return {}
-        return {**routing_summary(ctl), "inference_schedule": list(ctl.schedule), "router": ctl.kind,
-                "selection": ctl.selection, "compute_threshold": ctl.compute_threshold}
+            return MethodStats(None, None, [], [])
+        summary = routing_summary(ctl)
+        value = None if knob is None else (ctl.compute_threshold if knob.name == "compute_threshold"
+                                           else (knob.value if self._knob_value is None else self._knob_value))
+        details = {k: v for k, v in summary.items() if k not in ("compute_sparsity", "per_block_computed_fraction")}
+        return MethodStats(
+            compute_sparsity=summary["compute_sparsity"] if ctl.stats.forwards else None,
+            token_layer_sparsity=summary["token_sparsity"] if ctl.stats.forwards else None,
+            per_layer_computed_fraction=summary["per_block_computed_fraction"], removed_units=[],
+            knob=None if knob is None else knob.name, knob_value=value,
+            details={**details, "per_block_computed_fraction": summary["per_block_computed_fraction"],
+                     "inference_schedule": list(ctl.schedule), "router": ctl.kind, "selection": ctl.selection,
+                     "compute_threshold": ctl.compute_threshold})
 
 
 def routing_summary(ctl: RoutingController) -> dict[str, Any]:

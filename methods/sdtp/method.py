@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import torch
 
 from bench.flops import LayerFlopCoefficients
-from methods.base import CalibrationSet, Method, MethodConfigError
-from methods.sdtp.pruning import PruningRuntime, SaliencyPredictor, SDTPLayer
+from methods.base import CalibrationSet, Knob, Method, MethodConfigError, MethodStats
+from methods.sdtp.pruning import PruningRuntime, PruningStats, SaliencyPredictor, SDTPLayer
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"train_sequences": 450, "train_seq_len": 256, "epochs": 1, "learning_rate": 1e-3},
@@ -162,12 +162,46 @@ class SDTP(Method):
         return self.predictor_width or max(1, config.hidden_size // 4)
 
     def resolved_keep_ratio(self, config) -> float:
-        """r: the field if set, else the §5 formula solved at reference_seq_len (predictor FLOPs included)."""
+        """r: the harness's solved knob if set, else the field if set, else the §5 formula solved at
+        reference_seq_len (predictor FLOPs included)."""
+        if getattr(self, "_knob_value", None) is not None:
+            return float(self._knob_value)
         if self.keep_ratio is not None:
             return float(self.keep_ratio)
         stages = self.stages(config.num_hidden_layers)
         per_token = SaliencyPredictor(config.hidden_size, self.width(config)).flops_per_token()
         return keep_ratio_for_sparsity(self.sparsity, config, stages, self.reference_seq_len, per_token)
+
+    def knob(self, config) -> Knob:
+        """r moves c down as it grows; the harness solves it on each unit's inputs (the predictors' training does
+        not depend on r beyond the stage budgets, so one artifact serves the solved values)."""
+        return Knob("keep_ratio", self.resolved_keep_ratio(config), low=0.01, high=1.0, increasing=False)
+
+    def set_knob(self, value: float | None) -> None:
+        self._knob_value = value
+        runtime = getattr(self, "_runtime", None)
+        if runtime is not None:
+            runtime.keep_ratio = self.resolved_keep_ratio(self._model_config)
+
+    def row_flops(self, config, width: int, scored: torch.Tensor | None) -> int:
+        """Stage s keeps max(⌈r^s·N⌉, |protected|) of the tokens still present (never more), each predictor scores
+        the tokens entering its stage: the FLOPs follow from N and the protected count alone."""
+        from methods.sdtp.pruning import protected_positions, stage_budget
+
+        coeff = LayerFlopCoefficients.from_config(config)
+        stages = self.stages(config.num_hidden_layers)
+        r = self.resolved_keep_ratio(config)
+        protected = int(protected_positions(1, width, width, self.protect_first, self.protect_last_fraction,
+                                            None if scored is None else scored[None], torch.device("cpu")).sum())
+        per_token = SaliencyPredictor(config.hidden_size, self.width(config)).flops_per_token()
+        present, flops = width, 0
+        for layer in range(config.num_hidden_layers):
+            if layer in stages:
+                flops += per_token * present
+                budget = stage_budget(r, stages.index(layer) + 1, width)
+                present = max(1, min(max(budget, protected), present))
+            flops += coeff.layer(present)
+        return flops
 
     # -- calibration ---------------------------------------------------------------------------------------
     def new_predictors(self, config) -> dict[int, SaliencyPredictor]:
@@ -235,6 +269,7 @@ class SDTP(Method):
         stages = self.stages(config.num_hidden_layers)
         device = next(model.parameters()).device
         predictors = {layer: p.to(device) for layer, p in self.load_predictors(config).items()}
+        self._model_config = config
         self._runtime = PruningRuntime(stages, self.resolved_keep_ratio(config), config.num_hidden_layers,
                                        self.protect_first, self.protect_last_fraction,
                                        LayerFlopCoefficients.from_config(config),
@@ -249,21 +284,25 @@ class SDTP(Method):
             for index, layer in originals.items():
                 layers[index] = layer
 
-    def stats(self) -> dict[str, Any]:
+    def reset_stats(self) -> None:
+        runtime = getattr(self, "_runtime", None)
+        if runtime is not None:
+            runtime.stats = PruningStats(runtime.num_layers)
+
+    def measured_stats(self) -> MethodStats:
         runtime = getattr(self, "_runtime", None)
         if runtime is None or runtime.stats.prefill_forwards == 0:
-            return {"keep_ratio": runtime.keep_ratio if runtime else None, "prefill_forwards": 0}
+            return MethodStats(None, None, [], [], knob="keep_ratio",
+                               knob_value=runtime.keep_ratio if runtime else None,
+                               details={"prefill_forwards": 0})
         s = runtime.stats
         kept = [n / s.input_tokens for n in s.tokens_per_layer]
-        return {
-            "keep_ratio": runtime.keep_ratio,
-            "stage_layers": runtime.stage_layers,
-            "prefill_forwards": s.prefill_forwards,
-            "decode_forwards": s.decode_forwards,
-            "tokens_kept_per_layer": [round(k, 4) for k in kept],
-            "final_keep_fraction": kept[-1],
-            "token_layer_sparsity": 1.0 - sum(kept) / len(kept),
-            "nominal_final_keep_fraction": runtime.keep_ratio ** len(runtime.stage_layers),
-            "compute_sparsity_estimate": 1.0 - s.analytic_executed_flops / s.analytic_dense_flops,
-            "stages_at_protected_floor": f"{s.stages_at_protected_floor}/{s.stage_decisions}",
-        }
+        return MethodStats(
+            compute_sparsity=1.0 - s.analytic_executed_flops / s.analytic_dense_flops,
+            token_layer_sparsity=1.0 - sum(kept) / len(kept),
+            per_layer_computed_fraction=[round(k, 4) for k in kept],
+            removed_units=[], knob="keep_ratio", knob_value=runtime.keep_ratio,
+            details={"stage_layers": runtime.stage_layers, "prefill_forwards": s.prefill_forwards,
+                     "decode_forwards": s.decode_forwards, "final_keep_fraction": kept[-1],
+                     "nominal_final_keep_fraction": runtime.keep_ratio ** len(runtime.stage_layers),
+                     "stages_at_protected_floor": f"{s.stages_at_protected_floor}/{s.stage_decisions}"})

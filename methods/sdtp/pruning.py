@@ -71,6 +71,24 @@ def select_kept(scores: torch.Tensor, protected: torch.Tensor, budget: int,
     return key.topk(n_keep, dim=1).indices.sort(dim=1).values
 
 
+def select_kept_rows(scores: torch.Tensor, protected: torch.Tensor, budget: int,
+                     present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row budgets (inference): row b keeps its protected tokens plus its highest-scoring present others, up
+    to max(budget, |protected_b|) tokens, whatever the other rows hold. Returns (index [batch, n_max] into the
+    current rows, ascending per row with unused slots last; slot_valid [batch, n_max]). A row's kept set is
+    therefore the same alone and in any batch; unused slots are padding that the later layers mask out."""
+    present = torch.ones_like(protected) if present is None else present
+    protected = protected & present
+    key = scores.detach().float().masked_fill(protected, math.inf).masked_fill(~present, -math.inf)
+    counts = torch.clamp(torch.maximum(protected.sum(1), torch.full_like(protected.sum(1), budget)), min=1)
+    counts = torch.minimum(counts, present.sum(1).clamp(min=1))
+    n_max = int(counts.max())
+    top = key.topk(n_max, dim=1).indices  # best first
+    slot_valid = torch.arange(n_max, device=scores.device)[None, :] < counts[:, None]
+    order = torch.where(slot_valid, top, top + scores.shape[1]).sort(dim=1)  # valid slots first, ascending
+    return top.gather(1, order.indices), slot_valid.gather(1, order.indices)
+
+
 def protected_positions(batch: int, seq_len: int, prompt_len: int, protect_first: int,
                         protect_last_fraction: float, scored: torch.Tensor | None,
                         device: torch.device) -> torch.Tensor:
@@ -140,7 +158,9 @@ class PruningRuntime:
 
     def _reset_forward(self) -> None:
         self.decoding = False
-        self.kept: torch.Tensor | None = None  # [batch, n] original positions of the current rows
+        self.kept: torch.Tensor | None = None  # [batch, n] original positions of the current rows (seq_len: padding)
+        self.slot_valid: torch.Tensor | None = None  # [batch, n] False at padding slots; None = no padding
+        self.caching = False
         self.protected: torch.Tensor | None = None  # [batch, n] for the current rows
         self.position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered cos/sin
         self.full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -163,6 +183,7 @@ class PruningRuntime:
         n_prompt = _PROMPT_LENGTH.get()
         self.prompt_len = seq_len if n_prompt is None else min(n_prompt, seq_len)
         self.seq_len = seq_len
+        self.caching = past_key_values is not None
         ctx = current_scoring()
         if ctx is not None and ctx.scored is None:
             # the caller reads every position: nothing may be dropped
@@ -185,39 +206,53 @@ class PruningRuntime:
         self.rows_per_stage.append(hidden_states.shape[1])
         generated = self.seq_len - self.prompt_len
         budget = stage_budget(self.keep_ratio, stage, self.prompt_len) + generated
-        local = select_kept(scores, self.protected, budget)
+        local, valid = select_kept_rows(scores, self.protected, budget, self.slot_valid)
         self.stats.stage_decisions += 1
-        if local.shape[1] > min(budget, hidden_states.shape[1]):
+        if int(valid.sum(1).max()) > min(budget, hidden_states.shape[1]):
             self.stats.stages_at_protected_floor += 1
-        self.kept = self.kept.gather(1, local)
-        self.protected = self.protected.gather(1, local)
+        padded = not bool(valid.all())
+        if padded and self.caching:
+            raise MethodConfigError("sdtp: rows of this batch keep different numbers of tokens (their scored "
+                                    "spans differ), which a shared KV cache cannot hold; use_cache=False or batch "
+                                    "rows with equal scored spans")
+        self.kept = self.kept.gather(1, local).masked_fill(~valid, self.seq_len)
+        self.protected = self.protected.gather(1, local) & valid
+        self.slot_valid = valid if padded else None
         cos, sin = self.full_position_embeddings
-        self.position_embeddings = (_gather_rows(cos, self.kept), _gather_rows(sin, self.kept))
+        positions = self.kept.clamp(max=self.seq_len - 1)
+        self.position_embeddings = (_gather_rows(cos, positions), _gather_rows(sin, positions))
         self.causal_mask = None
         return _gather_rows(hidden_states, local)
 
     def layer_mask(self, layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """Kept order is preserved, so plain causal attention over the kept rows is right."""
-        if self.kept is None or layer.self_attn.config._attn_implementation in _IS_CAUSAL_WITHOUT_MASK:
+        """Kept order is preserved, so plain causal attention over the kept rows is right; padding slots (rows
+        that keep fewer tokens than others in the batch) are no key for anyone."""
+        if self.kept is None or (self.slot_valid is None
+                                 and layer.self_attn.config._attn_implementation in _IS_CAUSAL_WITHOUT_MASK):
             return None
         if self.causal_mask is None:
             n = hidden_states.shape[1]
-            self.causal_mask = _additive_mask(torch.ones(n, n, dtype=torch.bool, device=hidden_states.device).tril(),
-                                              hidden_states.dtype)
+            allowed = torch.ones(n, n, dtype=torch.bool, device=hidden_states.device).tril()
+            if self.slot_valid is None:
+                self.causal_mask = _additive_mask(allowed, hidden_states.dtype)
+            else:  # [batch, 1, n, n]
+                allowed = allowed[None] & self.slot_valid[:, None, :]
+                self.causal_mask = _additive_mask(allowed, hidden_states.dtype)[0].transpose(0, 1)
         return self.causal_mask
 
     # -- forward end (the last layer): scatter back to the original length -----------------------------------
     def finish(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, _, hidden = hidden_states.shape
         self._record(batch)
-        full = hidden_states.new_zeros(batch, self.seq_len, hidden)
+        # one extra trash position receives the padding slots
+        full = hidden_states.new_zeros(batch, self.seq_len + 1, hidden)
         full.scatter_(1, self.kept[..., None].expand(-1, -1, hidden), hidden_states)
         ctx = current_scoring()
         if ctx is not None:
-            real = torch.zeros(batch, self.seq_len, dtype=torch.bool, device=hidden_states.device)
+            real = torch.zeros(batch, self.seq_len + 1, dtype=torch.bool, device=hidden_states.device)
             real.scatter_(1, self.kept, True)
-            ctx.logit_positions = real
-        return full
+            ctx.logit_positions = real[:, : self.seq_len]
+        return full[:, : self.seq_len]
 
     def count(self, hidden_states: torch.Tensor) -> None:
         if not self.decoding:

@@ -1,0 +1,150 @@
+"""The matching protocol: every comparison at equal compute on the inputs actually scored.
+
+One rule per kind of method (README, "Matching"):
+
+- Input-dependent methods (token routing and dropping: FTP and its variants, SDTP) expose a `Knob`. Before a unit is
+  scored, the knob is solved on that unit's own forwards (exactly as they will be evaluated; inputs only, never
+  labels) so that c = 1 − F_exec / F_dense counted with FlopCounterMode lands within `SOLVE_TOLERANCE` of the target.
+- Static methods keep one pruned model per workload: ShortGPT and random layers remove n/L of the compute on any
+  input; BlockPruner picks its prefix from the compute shares of the study's real (batch, width) forwards
+  (`Method.fit_lengths`), pooled over every task of the study, the WikiText-2 windows, or the latency probe.
+
+The cell then records c measured while it was scored, and `matched` = |c − target| ≤ `MATCH_TOLERANCE`. A target
+that cannot be reached on a unit's inputs (SDTP's protected tokens covering most of a short item) is recorded with
+`matched = False`, the reachable value and the reason; summaries leave such cells out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from bench.flops import counted_forward
+from methods.base import Method, scoring
+
+MATCH_TOLERANCE = 0.02  # |c − target| for a cell to count as matched
+SOLVE_TOLERANCE = 0.005  # what the knob solve aims for (inside the matching band: the scored c may differ slightly)
+MAX_SOLVE_STEPS = 12
+# A knob measured by running the model (argmax routing) is solved on an evenly spread subset of the unit's forwards
+# of about this many tokens; the cell's c is then counted on all of them while scoring.
+SOLVE_TOKENS = 2048
+PROTOCOL = "matched-on-scored-inputs-v1"  # part of every cell's identity: cells of another protocol are recomputed
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a unit runs: (input_ids [B, W], scored [B, W] bool or None, extra model kwargs) per forward."""
+
+    forwards: Sequence[tuple[torch.Tensor, torch.Tensor | None, dict]]
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(int(ids.shape[0]), int(ids.shape[1])) for ids, _, _ in self.forwards]
+
+    def subsample(self, max_tokens: int) -> Workload:
+        """Evenly spread forwards (the engine sorts them by length) holding about `max_tokens` input tokens."""
+        tokens = [int(ids.numel()) for ids, _, _ in self.forwards]
+        if sum(tokens) <= max_tokens:
+            return self
+        share = max_tokens / sum(tokens)
+        step = max(1, round(1 / share))
+        return Workload(list(self.forwards)[step // 2::step])
+
+
+@dataclass
+class MatchResult:
+    target: float
+    knob: str | None = None
+    value: float | None = None
+    solved_sparsity: float | None = None  # c at the chosen knob on the workload (None: not solved by measurement)
+    steps: int = 0
+    reason: str = ""  # why a target could not be reached (empty when it could)
+
+    def record(self) -> dict:
+        return {"knob": self.knob, "knob_value": self.value, "solve_steps": self.steps,
+                "solved_sparsity": self.solved_sparsity, "unmatched_reason": self.reason or None}
+
+
+def is_matched(measured: float | None, target: float) -> bool:
+    return measured is not None and abs(measured - target) <= MATCH_TOLERANCE + 1e-12
+
+
+def workload_sparsity(model, workload: Workload, dense_flops: Callable[[int, int], int]) -> float:
+    """c of the (pruned) model over every forward of the workload, counted with FlopCounterMode."""
+    executed = dense = 0
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for ids, scored, kwargs in workload.forwards:
+            call = {k: v.to(device) for k, v in kwargs.items()}
+            with scoring(scored.to(device)) if scored is not None else nullcontext():
+                _, flops = counted_forward(model, input_ids=ids.to(device), use_cache=False, logits_to_keep=1,
+                                           **call)
+            executed += flops
+            dense += dense_flops(int(ids.shape[0]), int(ids.shape[1]))
+    return 1.0 - executed / dense
+
+
+def analytic_sparsity(method: Method, config, workload: Workload, dense_flops: Callable[[int, int], int]) -> float:
+    """c from `Method.row_flops` (methods whose FLOPs follow from each row's shape and scored span)."""
+    executed = dense = 0
+    for ids, scored, _ in workload.forwards:
+        for row in range(ids.shape[0]):
+            executed += method.row_flops(config, int(ids.shape[1]), None if scored is None else scored[row].cpu())
+        dense += dense_flops(int(ids.shape[0]), int(ids.shape[1]))
+    return 1.0 - executed / dense
+
+
+def solve_knob(method: Method, model, workload: Workload, dense_flops: Callable[[int, int], int],
+               tolerance: float = SOLVE_TOLERANCE, max_steps: int = MAX_SOLVE_STEPS) -> MatchResult:
+    """Set the method's knob (inside its live apply()) so that c on `workload` is as close to the target as the
+    knob allows. c is taken as monotone in the knob: bracket the target between the start value and a bound, then
+    regula falsi with bisection safeguards. The closest value seen is kept. Methods with `row_flops` are solved by
+    arithmetic on every row; the others by FlopCounterMode forwards over an evenly spread subset of the workload."""
+    target = method.sparsity
+    config = model.config
+    knob = method.knob(config)
+    result = MatchResult(target=target)
+    if knob is None:
+        return result
+    result.knob = knob.name
+    seen: dict[float, float] = {}
+    first = workload.forwards[0]
+    exact = method.row_flops(config, int(first[0].shape[1]), None if first[1] is None else first[1][0]) is not None
+    sample = workload if exact else workload.subsample(SOLVE_TOKENS)
+
+    def measure(value: float) -> float:
+        method.set_knob(value)
+        seen[value] = analytic_sparsity(method, config, sample, dense_flops) if exact \
+            else workload_sparsity(model, sample, dense_flops)
+        result.steps += 1
+        return seen[value]
+
+    def gap(value: float) -> float:  # > 0: too little sparsity at this value, in the knob's increasing direction
+        return (target - seen[value]) if knob.increasing else (seen[value] - target)
+
+    start = min(max(knob.value, knob.low), knob.high)
+    measure(start)
+    if abs(seen[start] - target) > tolerance:
+        bound = knob.high if gap(start) > 0 else knob.low
+        measure(bound)
+        if gap(bound) * gap(start) > 0:  # the bound does not cross the target: out of reach on these inputs
+            result.reason = (f"target {target:g} out of reach on these inputs: {knob.name} at its bound {bound:g} "
+                             f"gives c = {seen[bound]:.4f}")
+        else:
+            lo, hi = (start, bound) if start < bound else (bound, start)
+            while result.steps < (4 * max_steps if exact else max_steps) and min(abs(c - target) for c in seen.values()) > tolerance:
+                g_lo, g_hi = gap(lo), gap(hi)
+                x = lo + (hi - lo) * g_lo / (g_lo - g_hi) if g_lo != g_hi else (lo + hi) / 2
+                if not lo + 0.05 * (hi - lo) < x < hi - 0.05 * (hi - lo):
+                    x = (lo + hi) / 2  # keep the bracket shrinking
+                measure(x)
+                if gap(x) * g_lo > 0:
+                    lo = x
+                else:
+                    hi = x
+    best = min(seen, key=lambda v: (abs(seen[v] - target), v))
+    method.set_knob(best)
+    result.value, result.solved_sparsity = float(best), seen[best]
+    return result
