@@ -38,7 +38,7 @@ def test_bad_limit_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--limit", "zero"])
     assert exc.value.code == 2
-    assert "--limit takes a positive integer or 'none'" in capsys.readouterr().err
+    assert "argument --limit: takes a positive integer or 'none'" in capsys.readouterr().err
 
 
 @pytest.fixture
