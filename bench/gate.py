@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from bench.artifacts import artifact_exists
 from bench.errors import BenchError
+from bench.inputs import read_json_object
 from bench.paths import REPO_ROOT
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "gate.toml"
@@ -305,7 +306,8 @@ def run_gate(config_path: str | None = None, baseline_path: str | None = None, r
     baseline_file = Path(baseline_path or DEFAULT_BASELINE)
     baseline = None
     if baseline_file.is_file():
-        baseline = json.loads(baseline_file.read_text())
+        baseline = read_json_object(baseline_file, "gate baseline", "restore it with `git checkout -- "
+                                    "results/baseline/gate.json`, or rewrite it with `python -m bench gate --update-baseline`")
     elif not update:
         raise BenchError(f"no gate baseline at {baseline_file}; create it with `python -m bench gate "
                          "--update-baseline` and commit it")

@@ -29,6 +29,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from bench.errors import BenchError
+from bench.fileutil import file_sha256, pid_alive
 
 # Column -> pandas dtype. Fixed so every cell's parquet file has the same schema.
 SCHEMA: dict[str, str] = {
@@ -46,24 +47,6 @@ NON_TASK_UNITS = ("wikitext2", "efficiency")  # units without per-item samples
 
 def cell_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def _owner_pid(name: str) -> int | None:
