@@ -105,8 +105,8 @@ def _is_committed(directory: Path) -> bool:
 
 def _fix(directory: Path) -> str:
     if _is_committed(directory):
-        return (f"it ships with the repository: restore it with `git checkout -- {directory.relative_to(REPO_ROOT)}`"
-                if directory.is_relative_to(REPO_ROOT) else "reinstall bench to restore it")
+        where = directory.relative_to(REPO_ROOT) if directory.is_relative_to(REPO_ROOT) else directory
+        return f"it ships with the repository: restore it with `git checkout -- {where}` (or reinstall bench)"
     return (f"`python -m bench run` recalibrates a damaged cached artifact by itself, `python -m bench calibrate "
             f"--method M --force` too; or delete {directory}")
 
