@@ -108,3 +108,26 @@ def test_tokenizer_converter_error_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Converting from SentencePiece" in err
     assert "pip install" in err and not (tmp_path / "r").exists()
+
+
+def test_two_runs_calibrate_one_artifact_once(monkeypatch):
+    from bad_inputs import _Chars, _TensorMethod
+
+    from bench.artifacts import ensure_calibrated
+
+    calls = []
+
+    def slow_calibrate(self, model, tokenizer, calibration):
+        calls.append(1)
+        time.sleep(0.5)  # the second run asks while the first calibrates
+        return {"keep": [0.5]}
+
+    monkeypatch.setattr(_TensorMethod, "calibrate", slow_calibrate)
+    infos = []
+    threads = [threading.Thread(target=lambda: infos.append(
+        ensure_calibrated(_TensorMethod(sparsity=0.5), None, _Chars(), "tiny-lock"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(info["cached"] is None for info in infos) == [False, True]
