@@ -3,7 +3,7 @@
     python tests/sweep.py RESULTS [--force] [--die-at-rename N]
 
 prints `[sweep] started` once the model is built (the kill tests time their SIGKILL from there) and, at the end,
-one JSON line with the cells it computed and skipped. `--die-at-rename N` SIGKILLs the process at the N-th
+one JSON line with the cells it computed and skipped, and its seconds of work after `started` (calibration aside). `--die-at-rename N` SIGKILLs the process at the N-th
 rename out of results/.staging/ (a cell fully staged, not yet in place: the worst moment for a crash)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,8 +64,11 @@ def main() -> None:
     model = tiny_llama(num_layers=4, hidden=32, heads=2, kv_heads=1, intermediate=64, vocab=len(tokenizer), seed=0)
     runner = Runner(config(args.results, args.force), model=model, tokenizer=tokenizer)
     print("[sweep] started", flush=True)
+    start = time.perf_counter()
     runner.run()
-    print(json.dumps({"written": runner.cells_written, "skipped": runner.cells_skipped}), flush=True)
+    calibration = sum(v for k, v in runner.clock.seconds.items() if k.startswith("calibrate"))
+    print(json.dumps({"written": runner.cells_written, "skipped": runner.cells_skipped,
+                      "work_seconds": time.perf_counter() - start - calibration}), flush=True)
 
 
 if __name__ == "__main__":

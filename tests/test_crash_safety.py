@@ -31,6 +31,7 @@ KILLS = int(os.environ.get("BENCH_FAULT_KILLS", "5"))
 SEED = int(os.environ.get("BENCH_FAULT_SEED", "17"))
 WRITERS = [int(n) for n in os.environ.get("BENCH_FAULT_WRITERS", "3").split(",")]  # 3 contend pairwise too
 N_CELLS = 2 * UNITS_PER_METHOD  # dense + shortgpt
+REFERENCE: dict[str, float] = {}  # the uninterrupted sweep's seconds of work
 pytestmark = pytest.mark.faults
 
 
@@ -84,6 +85,7 @@ def reference(tmp_path_factory) -> Path:
     os.environ["BENCH_CACHE"] = str(cache)  # same cache as the autouse fixture gives every test
     try:
         report = _finish(_start(results, base / "reference.log"), base / "reference.log")
+        REFERENCE["work_seconds"] = report["work_seconds"]  # the kill test draws its moments from this
     finally:
         os.environ.pop("BENCH_CACHE")
         if models != os.path.expanduser("~/.cache/bench"):
@@ -95,14 +97,18 @@ def reference(tmp_path_factory) -> Path:
 def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(reference, tmp_path, capsys):
     results, log = tmp_path / "results", tmp_path / "sweep.log"
     rng = random.Random(SEED)
-    work = 4.0  # seconds of work after "[sweep] started" in an uninterrupted run on 2 busy cores (measured: 3.4)
+    interrupted = 0
     for _ in range(KILLS):
         proc = _start(results, log)
         assert proc.stdout.readline().strip() == "[sweep] started", log.read_text()[-3000:]
-        time.sleep(rng.uniform(0.0, work))
+        left = 1 - len(Store(results).cell_names()) / N_CELLS  # a moment of the work this rerun has left
+        time.sleep(rng.uniform(0.0, REFERENCE["work_seconds"] * left))
+        interrupted += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         _table_reads(results, capsys)
+    print(f"{interrupted}/{KILLS} kills landed while the sweep worked ({REFERENCE['work_seconds']:.1f} s of work)")
+    assert interrupted >= 1, "no kill landed while the sweep worked"
     report = _finish(_start(results, log), log)
     assert not _leftovers(results)
     assert len(report["written"]) + len(report["skipped"]) == N_CELLS
