@@ -11,18 +11,21 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bench.calibration import SOURCES, load_calibration
 from bench.datafiles import manifest
 from bench.errors import BenchError
-from bench.paths import cache_dir
+from bench.paths import REPO_ROOT, cache_dir
 from methods.base import Method
 
 COMMITTED_DIR = Path(__file__).resolve().parent.parent / "methods" / "artifacts"
@@ -90,21 +93,42 @@ def save_artifact(directory: Path, key: dict[str, Any], artifact: dict[str, Any]
     tmp.rename(directory)
 
 
+class CorruptArtifact(BenchError):
+    def __init__(self, directory: Path, reason: str):
+        super().__init__(f"calibration artifact {directory} is corrupt ({reason}); {_fix(directory)}")
+        self.reason = reason
+
+
+def _is_committed(directory: Path) -> bool:
+    return directory.resolve().parent == COMMITTED_DIR.resolve()
+
+
+def _fix(directory: Path) -> str:
+    if _is_committed(directory):
+        where = directory.relative_to(REPO_ROOT) if directory.is_relative_to(REPO_ROOT) else directory
+        return f"it ships with the repository: restore it with `git checkout -- {where}` (or reinstall bench)"
+    return (f"`python -m bench run` recalibrates a damaged cached artifact by itself, `python -m bench calibrate "
+            f"--method M --force` too; or delete {directory}")
+
+
 def load_artifact_dir(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(artifact, meta); a corrupt entry raises BenchError with the fix."""
-    fix = f"delete {directory} or rerun with --force to recompute it"
+    """(artifact, meta), after a full parse and the content-hash check; a corrupt entry raises BenchError with
+    the fix."""
     try:
         meta = json.loads((directory / _META).read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("values"), dict) \
+                or not isinstance(meta.get("tensors"), list):
+            raise CorruptArtifact(directory, f"{_META} is not an artifact record")
         tensor_file = directory / _TENSORS
         tensors = load_file(str(tensor_file)) if meta["tensors"] else {}
         if _content_sha256(meta["values"], tensor_file if meta["tensors"] else None) != meta["content_sha256"]:
-            raise BenchError(f"calibration artifact {directory} is corrupt (content hash mismatch); {fix}")
+            raise CorruptArtifact(directory, "content hash mismatch")
         if sorted(tensors) != meta["tensors"]:
-            raise BenchError(f"calibration artifact {directory} is corrupt (tensors missing); {fix}")
-    except BenchError:
+            raise CorruptArtifact(directory, "tensors missing")
+    except CorruptArtifact:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise BenchError(f"calibration artifact {directory} is corrupt ({type(exc).__name__}: {exc}); {fix}") from exc
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise CorruptArtifact(directory, f"{type(exc).__name__}: {exc}") from exc
     return {**meta["values"], **tensors}, meta
 
 
@@ -132,17 +156,33 @@ def ensure_calibrated(method: Method, model, tokenizer, model_id: str, seed: int
     key = artifact_key(model_id, method, settings)
     digest = key_hash(key)
     name = _entry_name(method, digest)
-    found = None if force else find_artifact(name)
-    if found is not None:
-        artifact, meta = load_artifact_dir(found)
-        method.load_artifact(artifact)
-        return {"key_hash": digest, "cached": str(found), "calibration_seconds": meta.get("calibration_seconds")}
+    target = (save_to or cache_dir() / "artifacts") / name
+    locks = cache_dir() / "artifacts" / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{name}.lock")):  # two runs never calibrate the same artifact twice
+        found = None if force else find_artifact(name)
+        if found is not None:
+            try:
+                artifact, meta = load_artifact_dir(found)
+            except CorruptArtifact as exc:
+                if _is_committed(found):
+                    raise  # a damaged repository file is refused with the fix, never silently replaced
+                print(f"warning: cached calibration artifact {found} is corrupt ({exc.reason}); recalibrating it",
+                      file=sys.stderr, flush=True)
+            else:
+                method.load_artifact(artifact)
+                return {"key_hash": digest, "cached": str(found),
+                        "calibration_seconds": meta.get("calibration_seconds")}
+        return _calibrate(method, model, tokenizer, settings, key, digest, target, seed)
+
+
+def _calibrate(method: Method, model, tokenizer, settings: CalibrationSettings, key: dict[str, Any], digest: str,
+               target: Path, seed: int) -> dict[str, Any]:
     calibration = load_calibration(tokenizer, settings.n_samples, settings.seq_len, settings.seed, settings.source)
     torch.manual_seed(seed)
     start = time.perf_counter()
     artifact = method.calibrate(model, tokenizer, calibration)
     seconds = time.perf_counter() - start
-    target = (save_to or cache_dir() / "artifacts") / name
     save_artifact(target, key, artifact, seconds)
     method.load_artifact(load_artifact_dir(target)[0])  # what later runs will load, bit for bit
     return {"key_hash": digest, "cached": None, "path": str(target), "calibration_seconds": round(seconds, 2)}

@@ -4,21 +4,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 from bench.errors import BenchError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error:` line (no usage block), exit 2, like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.25,0.4, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("empty list; give at least one value, e.g. 0.25,0.4")
+    return values
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"empty list {text!r}; name at least one (`python -m bench list` shows "
+                                         "them), or leave the option out for the default")
+    return names
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
 
 
 def _limit(text: str) -> int | None:
@@ -27,9 +54,9 @@ def _limit(text: str) -> int | None:
     try:
         value = int(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--limit takes a positive integer or 'none', got {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"takes a positive integer or 'none', got {text!r}") from exc
     if value < 1:
-        raise argparse.ArgumentTypeError(f"--limit must be >= 1 (or 'none'), got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1) or 'none', got {value}")
     return value
 
 
@@ -40,14 +67,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, recorded)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice, recorded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bench.models import DEFAULT_MODEL as DEFAULT_MODEL_NAME
     from bench.runner import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_PPL_WINDOWS
 
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Compare LLM pruning methods at "
+    parser = _Parser(prog="python -m bench", description="Compare LLM pruning methods at "
                                      "matched compute sparsity: accuracy retention, perplexity, FLOPs, latency.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -61,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"items per task, or 'none' for all (default {DEFAULT_LIMIT}, sized for a 2-core CPU)")
     p.add_argument("--ppl-windows", type=_limit, default=DEFAULT_PPL_WINDOWS,
                    help=f"WikiText-2 windows (default {DEFAULT_PPL_WINDOWS}; 'none' = whole test set)")
-    p.add_argument("--ppl-seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--ppl-seq-len", type=_positive, default=512)
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--latency-repeats", type=_positive, default=5)
     p.add_argument("--results", default="results", help="results store directory (default results/)")
     p.add_argument("--force", action="store_true", help="recompute cells that are already complete")
     p.add_argument("--no-progress", action="store_true")
@@ -99,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL_NAME)
     p.add_argument("--tasks", type=_names, default=None, help="comma-separated (default piqa,arc_easy,"
                    "hellaswag,winogrande,boolq)")
-    p.add_argument("--limit", type=int, default=40, help="items per task (default 40)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=_positive, default=40, help="items per task (default 40)")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--threads", type=_positive, default=2)
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -244,6 +271,26 @@ def cmd_gate(args) -> int:
                     update=args.update_baseline)
 
 
+def validate(args) -> None:
+    """The paths and files named on the command line, checked before any model is loaded or file written."""
+    from bench.inputs import existing_file, read_json_object, writable_dir
+
+    if args.command == "run":
+        writable_dir(args.results, "--results")
+    elif args.command == "report":
+        writable_dir(args.out, "--out", example="reports")
+    elif args.command == "gate":
+        if args.config is not None:
+            from bench.gate import load_gate_config
+
+            load_gate_config(existing_file(args.config, "--config"))
+        if args.baseline is not None and (not args.update_baseline or Path(args.baseline).exists()):
+            read_json_object(existing_file(args.baseline, "--baseline"), "--baseline",
+                             "pass a baseline written by `python -m bench gate --update-baseline`")
+        if args.results is not None:
+            writable_dir(args.results, "--results")
+
+
 COMMANDS = {"run": cmd_run, "report": cmd_report, "table": cmd_table, "calibrate": cmd_calibrate,
             "list": cmd_list, "gate": cmd_gate,
             "perf": cmd_perf}
@@ -254,10 +301,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        validate(args)
         return COMMANDS[args.command](args)
     except (BenchError, MethodConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `python -m bench table | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted; complete cells are saved, rerun the same command to resume", file=sys.stderr)
         return 130

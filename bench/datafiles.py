@@ -10,6 +10,7 @@ import lzma
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.inputs import read_json_object
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -19,7 +20,13 @@ def manifest() -> dict[str, dict]:
     path = DATA_DIR / "MANIFEST.json"
     if not path.is_file():
         raise BenchError(f"{path} is missing: the install is incomplete; reinstall with scripts/setup.sh")
-    return json.loads(path.read_text())
+    fix = "restore it with `git checkout -- bench/data/MANIFEST.json` (or reinstall with scripts/setup.sh)"
+    entries = read_json_object(path, "data manifest", fix)
+    bad = [name for name, entry in entries.items()
+           if not isinstance(entry, dict) or not {"file", "sha256"} <= set(entry)]
+    if bad:
+        raise BenchError(f"data manifest {path} is corrupt (entry {bad[0]!r} lacks file/sha256); {fix}")
+    return entries
 
 
 @functools.lru_cache(maxsize=16)

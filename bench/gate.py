@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from bench.artifacts import artifact_exists
 from bench.errors import BenchError
+from bench.inputs import read_json_object
 from bench.paths import REPO_ROOT
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "gate.toml"
@@ -124,7 +125,6 @@ def gate_records(rows, summary) -> dict[str, dict[str, Any]]:
         acc = accuracy_rows(group)
         eff = group[group["task"] == "efficiency"].set_index("metric")["value"]
         wiki = group[group["task"] == "wikitext2"]
-        ppl = wiki[wiki["metric"] == "ppl"]
         every_window = wiki[wiki["metric"] == "compute_sparsity"]
         sparsity = {task: _number(s) for task, s in zip(acc["task"], acc["measured_sparsity"], strict=True)}
         matched = {task: bool(m) for task, m in zip(acc["task"], acc["matched"].fillna(False), strict=True)}
@@ -315,7 +315,8 @@ def run_gate(config_path: str | None = None, baseline_path: str | None = None, r
     baseline_file = Path(baseline_path or DEFAULT_BASELINE)
     baseline = None
     if baseline_file.is_file():
-        baseline = json.loads(baseline_file.read_text())
+        baseline = read_json_object(baseline_file, "gate baseline", "restore it with `git checkout -- "
+                                    "results/baseline/gate.json`, or rewrite it with `python -m bench gate --update-baseline`")
     elif not update:
         raise BenchError(f"no gate baseline at {baseline_file}; create it with `python -m bench gate "
                          "--update-baseline` and commit it")

@@ -5,7 +5,6 @@ a hub model."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from bench.cachedir import cached_dir
 from bench.errors import BenchError
 from bench.paths import cache_dir
 
@@ -71,26 +71,24 @@ def _wheel_gguf_path(spec: ModelSpec) -> Path:
 
 
 def _materialise_zoo_model(spec: ModelSpec) -> Path:
-    """Dequantize the GGUF once into a safetensors directory; later loads take well under a second."""
-    target = cache_dir() / "models" / spec.name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    gguf = _wheel_gguf_path(spec)
-    print(f"[bench] dequantizing {gguf.name} once into {target} (about 20 s) ...", flush=True)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # save_pretrained refuses a quantized model: the weights are already dequantized to fp32 here.
-    model.config.quantization_config = None
-    if hasattr(model.config, "__dict__"):
-        model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target) if not target.exists() else None
-    print(f"[bench] model cached in {time.perf_counter() - t0:.0f} s", flush=True)
-    return target
+    """Dequantize the GGUF once into a verified safetensors directory; later loads take about a second."""
+
+    def build(tmp: Path) -> None:
+        gguf = _wheel_gguf_path(spec)
+        print(f"[bench] dequantizing {gguf.name} once into the model cache (about 20 s) ...", flush=True)
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # save_pretrained refuses a quantized model: the weights are already dequantized to fp32 here.
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        print(f"[bench] model cached in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    return cached_dir(cache_dir() / "models" / spec.name, build)
 
 
 def validate_model_name(name: str) -> None:
@@ -128,6 +126,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     except OSError as exc:
         raise BenchError(f"could not load model {name!r} from {source}: {exc}. For a hub model you need "
                          "network access or a local copy (pass its directory).") from exc
+    except (ValueError, ImportError) as exc:  # e.g. a tokenizer whose converter needs a missing package
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BenchError(f"could not load model {name!r} from {source}: {first}. Install the package it names "
+                         "(e.g. `pip install sentencepiece tiktoken protobuf`) or pass a model directory with "
+                         "a tokenizer.json") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(dev).eval()

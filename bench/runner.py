@@ -162,6 +162,7 @@ class Runner:
         self.commit = git_commit()
         self.dense_layers = self.model.config.num_hidden_layers
         units = self.unit_settings()
+        self.store.remove_stale()  # temporaries of killed runs
         outer = tqdm(self.plan, desc="methods", disable=not c.progress)
         for method in outer:
             outer.set_postfix_str(f"{method.registry_name}@{method.sparsity:g}")
@@ -175,19 +176,23 @@ class Runner:
             artifact = self.clock.timed(f"calibrate {method.registry_name}", lambda m=method: ensure_calibrated(
                 m, self.model, self.tokenizer, c.model, seed=c.seed, force=False))
             for unit in pending:
-                stage = "accuracy" if unit in self.tasks else unit
-                method.set_knob(None)
-                rows, samples = self.clock.timed(stage, lambda u=unit, m=method: self.measure(m, u, units[u]))
-                common = {**self._common(), "cell": cells[unit], "method": method.registry_name,
-                          "method_params": json.dumps(method.config(), sort_keys=True, default=str),
-                          "target_sparsity": method.sparsity, "artifact": artifact.get("key_hash"),
-                          "calibration": json.dumps(artifact, default=str)}
-                rows = [{**common, **row} for row in rows]
-                identity = {**self._identity(method, unit, settings[unit]), "stats": method.stats(),
-                            "host": platform.node()}
-                method.set_knob(None)
-                self.store.write(cells[unit], identity, rows, samples)
-                self.cells_written.append(cells[unit])
+                with self.store.claim(cells[unit], force=c.force) as owned:  # another process may hold it
+                    if not owned:
+                        self.cells_skipped.append(cells[unit])
+                        continue
+                    stage = "accuracy" if unit in self.tasks else unit
+                    method.set_knob(None)
+                    rows, samples = self.clock.timed(stage, lambda u=unit, m=method: self.measure(m, u, units[u]))
+                    common = {**self._common(), "cell": cells[unit], "method": method.registry_name,
+                              "method_params": json.dumps(method.config(), sort_keys=True, default=str),
+                              "target_sparsity": method.sparsity, "artifact": artifact.get("key_hash"),
+                              "calibration": json.dumps(artifact, default=str)}
+                    rows = [{**common, **row} for row in rows]
+                    identity = {**self._identity(method, unit, settings[unit]), "stats": method.stats(),
+                                "host": platform.node()}
+                    method.set_knob(None)
+                    self.store.write(cells[unit], identity, rows, samples)
+                    self.cells_written.append(cells[unit])
         return self.run_cells
 
     def measure(self, method: Method, unit: str, settings: dict[str, Any]):

@@ -1,25 +1,35 @@
 """The tidy results store: one directory per cell, named by the cell's content hash, written atomically.
 
     results/cells/<hash>/rows.parquet         one row per (cell, task, metric)
-    results/cells/<hash>/_cell.json           the cell's identity and provenance ("_" = ignored by readers)
+    results/cells/<hash>/_cell.json           the cell's identity, provenance and the sha256 of every file it owns
     results/cells/<hash>/_samples.jsonl.gz    per-item scores of accuracy cells (paired statistics)
+    results/.staging/                         cells being written (readers never look here)
+    results/.locks/                           one lock file per cell: two writers never compute the same cell
 
-`pandas.read_parquet("results/cells")` reads the whole store in one call (pyarrow skips "_"/"." files);
-`load_rows()` does the same with a clear error on a corrupt entry."""
+A cell is written into `.staging/<hash>-<pid>/` and renamed into `cells/` whole, so readers of `cells/`
+(`load_rows()`, and `pandas.read_parquet("results/cells")`) never see a partial one. A cell counts only when
+every file listed in its `_cell.json` manifest is present with the recorded sha256; a cell that fails
+verification is reported in one line, skipped by readers and recomputed by `run`."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import shutil
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from bench.errors import BenchError
+from bench.fileutil import file_sha256, pid_alive
 
 # Column -> pandas dtype. Fixed so every cell's parquet file has the same schema.
 SCHEMA: dict[str, str] = {
@@ -33,42 +43,121 @@ SCHEMA: dict[str, str] = {
     # the matching protocol (bench.matching): |measured − target| <= 0.02, the knob solved or fitted, and why not
     "matched": "boolean", "knob": "string", "knob_value": "float64", "unmatched_reason": "string",
 }
+ROWS, IDENTITY, SAMPLES = "rows.parquet", "_cell.json", "_samples.jsonl.gz"
+NON_TASK_UNITS = ("wikitext2", "efficiency")  # units without per-item samples
 
 
 def cell_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _owner_pid(name: str) -> int | None:
+    """The pid at the end of a temporary's name (`<hash>-<pid>`, `.tmp-<hash>-<pid>`), if any."""
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.cells = self.root / "cells"
+        self.staging = self.root / ".staging"
+        self.locks = self.root / ".locks"
+        self.opened = time.time()  # --force recomputes cells written before this moment, once
+        self._verified: dict[str, tuple[float, str | None]] = {}
 
     def cell_dir(self, cell: str) -> Path:
         return self.cells / cell
 
-    def is_complete(self, cell: str) -> bool:
-        """A cell is complete when its directory exists: it only ever appears whole (atomic rename)."""
+    # -- verification -----------------------------------------------------------------------------------------
+    def problem(self, cell: str) -> str | None:
+        """None when the cell is present and verified, else why not ('missing' when it was never written)."""
         d = self.cell_dir(cell)
-        return (d / "_cell.json").is_file() and (d / "rows.parquet").is_file()
+        try:
+            stamp = (d / IDENTITY).stat().st_mtime_ns
+        except OSError:
+            return "missing" if not d.exists() else f"{IDENTITY} is missing"
+        cached = self._verified.get(cell)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        reason = _verify(d)
+        self._verified[cell] = (stamp, reason)
+        return reason
+
+    def is_complete(self, cell: str, report: bool = True) -> bool:
+        """Complete = every file the cell owns is present with the checksum recorded at write time. A cell
+        present but damaged is reported in one line (and so recomputed by `run`)."""
+        reason = self.problem(cell)
+        if reason not in (None, "missing") and report:
+            warn(f"results cell {self.cell_dir(cell)} failed verification ({reason}); it will be recomputed")
+        return reason is None
+
+    def written_at(self, cell: str) -> float:
+        try:
+            return float(json.loads((self.cell_dir(cell) / IDENTITY).read_text()).get("written", 0.0))
+        except (OSError, ValueError, AttributeError):
+            return 0.0
+
+    # -- writers ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def claim(self, cell: str, force: bool = False) -> Iterator[bool]:
+        """Hold the cell's lock; yields True when this process should compute the cell, False when it is
+        complete already (another process may have finished it while we waited for the lock). With `force`, a
+        cell is recomputed once per Store: unless it was written after this Store was opened."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.locks / f"{cell}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"[bench] cell {cell} is being computed by another process; waiting for it", file=sys.stderr,
+                  flush=True)
+            lock.acquire()
+        try:
+            done = self.is_complete(cell, report=False)
+            yield not done or (force and self.written_at(cell) < self.opened)
+        finally:
+            lock.release()
+
+    def remove_stale(self) -> list[Path]:
+        """Delete temporaries left by processes that no longer run (a SIGKILL mid-write); returns them."""
+        removed = []
+        candidates = list(self.staging.iterdir()) if self.staging.is_dir() else []
+        # temporaries of earlier versions lived inside cells/ as .tmp-<hash>-<pid> / .old-<hash>-<pid>
+        if self.cells.is_dir():
+            candidates += [p for p in self.cells.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+        for path in candidates:
+            pid = _owner_pid(path.name)
+            if pid is None or not pid_alive(pid) or pid == os.getpid():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
 
     def write(self, cell: str, identity: dict[str, Any], rows: list[dict[str, Any]],
               samples: list[dict[str, Any]] | None = None) -> Path:
-        """Write the cell into a temporary directory, then rename it into place (replacing an old one)."""
+        """Write the cell into .staging/, then rename it into cells/ (replacing an old one). Hold `claim(cell)`
+        around the computation and the write when other processes may write the same store."""
         frame = to_frame(rows)
         self.cells.mkdir(parents=True, exist_ok=True)
-        tmp = self.cells / f".tmp-{cell}-{os.getpid()}"
+        self.staging.mkdir(parents=True, exist_ok=True)
+        tmp = self.staging / f"{cell}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        frame.to_parquet(tmp / "rows.parquet", index=False)
+        frame.to_parquet(tmp / ROWS, index=False)
         if samples is not None:
-            with gzip.open(tmp / "_samples.jsonl.gz", "wt") as fh:
+            with gzip.open(tmp / SAMPLES, "wt") as fh:
                 for item in samples:
                     fh.write(json.dumps(item) + "\n")
-        (tmp / "_cell.json").write_text(json.dumps({"cell": cell, "identity": identity}, indent=1, default=str))
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        meta = {"cell": cell, "identity": identity, "files": files, "written": time.time()}
+        (tmp / IDENTITY).write_text(json.dumps(meta, indent=1, default=str))
         final = self.cell_dir(cell)
         if final.exists():
-            old = self.cells / f".old-{cell}-{os.getpid()}"
+            old = self.staging / f"old-{cell}-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -76,27 +165,85 @@ class Store:
             tmp.rename(final)
         return final
 
+    # -- readers ----------------------------------------------------------------------------------------------
+    def cell_names(self) -> list[str]:
+        if not self.cells.is_dir():
+            return []
+        return sorted(p.name for p in self.cells.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+    def verified_cells(self) -> list[str]:
+        """Every cell that passes verification; the others are named in one warning line."""
+        good, bad = [], []
+        for cell in self.cell_names():
+            reason = self.problem(cell)
+            (good if reason is None else bad).append((cell, reason))
+        if bad:
+            listed = "; ".join(f"{cell}: {reason}" for cell, reason in bad)
+            warn(f"skipped {len(bad)} damaged results cell(s) in {self.cells} ({listed}); rerun the same "
+                 "`python -m bench run` to recompute them")
+        return [cell for cell, _ in good]
+
     def load_rows(self) -> pd.DataFrame:
-        if not self.cells.is_dir() or not any(self.cells.glob("*/rows.parquet")):
+        cells = self.verified_cells()
+        if not cells:
             raise BenchError(f"no results in {self.root}; run `python -m bench run` first (or pass --results DIR)")
         frames = []
-        for path in sorted(self.cells.glob("*/rows.parquet")):
+        for cell in cells:
             try:
-                frames.append(pd.read_parquet(path))
+                frames.append(pd.read_parquet(self.cell_dir(cell) / ROWS))
             except Exception as exc:  # pyarrow raises several types for a damaged file
-                raise BenchError(f"results entry {path.parent} is corrupt ({exc}); delete that directory and "
-                                 "rerun `python -m bench run` to recompute it") from exc
+                raise BenchError(f"results entry {self.cell_dir(cell)} is corrupt ({exc}); rerun the same "
+                                 "`python -m bench run` to recompute it") from exc
         return to_frame(pd.concat(frames, ignore_index=True))
 
     def load_samples(self, cell: str) -> list[dict[str, Any]]:
-        path = self.cell_dir(cell) / "_samples.jsonl.gz"
+        path = self.cell_dir(cell) / SAMPLES
         if not path.is_file():
             return []
         try:
             with gzip.open(path, "rt") as fh:
                 return [json.loads(line) for line in fh]
-        except (OSError, ValueError) as exc:
-            raise BenchError(f"samples of cell {cell} are corrupt ({exc}); delete {path.parent} and rerun") from exc
+        except (OSError, ValueError, EOFError) as exc:
+            raise BenchError(f"samples of cell {cell} are corrupt ({exc}); rerun the same `python -m bench run` "
+                             "to recompute it") from exc
+
+
+def _verify(d: Path) -> str | None:
+    try:
+        meta = json.loads((d / IDENTITY).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{IDENTITY} unreadable: {type(exc).__name__}"
+    if not isinstance(meta, dict) or meta.get("cell") != d.name:
+        return f"{IDENTITY} does not describe this cell"
+    files = meta.get("files")
+    if files is None:
+        return _verify_legacy(d, meta)
+    if not isinstance(files, dict) or ROWS not in files:
+        return f"{IDENTITY} has no file manifest"
+    for name, digest in files.items():
+        path = d / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != digest:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def _verify_legacy(d: Path, meta: dict[str, Any]) -> str | None:
+    """Cells written before the manifest existed: verified by a full parse of every file they own."""
+    try:
+        pd.read_parquet(d / ROWS)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        return f"{ROWS} unreadable: {type(exc).__name__}"
+    unit = (meta.get("identity") or {}).get("unit")
+    if unit is not None and unit not in NON_TASK_UNITS or (d / SAMPLES).exists():
+        try:
+            with gzip.open(d / SAMPLES, "rt") as fh:
+                for line in fh:
+                    json.loads(line)
+        except (OSError, ValueError, EOFError) as exc:
+            return f"{SAMPLES} missing or unreadable: {type(exc).__name__}"
+    return None
 
 
 def to_frame(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:

@@ -38,7 +38,7 @@ def test_bad_limit_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--limit", "zero"])
     assert exc.value.code == 2
-    assert "--limit takes a positive integer or 'none'" in capsys.readouterr().err
+    assert "argument --limit: takes a positive integer or 'none'" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -90,16 +90,21 @@ def test_corrupt_cache_entry(tmp_path, tiny, tiny_calibration):
         load_artifact_dir(entry)
 
 
-def test_corrupt_results_entry(tmp_path, capsys):
+def test_corrupt_results_entry_is_skipped_with_one_warning(tmp_path, capsys):
     from bench.store import Store
 
     store = Store(tmp_path / "results")
-    store.write("abc", {"x": 1}, [{"cell": "abc", "method": "dense", "task": "piqa", "metric": "acc", "value": 0.5}])
+    for cell in ("abc", "def"):
+        store.write(cell, {"x": 1}, [{"cell": cell, "method": "dense", "task": "piqa", "metric": "acc", "value": 0.5}])
     assert _run(capsys, "table", "--results", str(store.root))[0] == 0
     (store.cell_dir("abc") / "rows.parquet").write_bytes(b"garbage")
-    code, err = _run(capsys, "table", "--results", str(store.root))
-    assert code == 2 and "results entry" in err and "is corrupt" in err and "delete that directory" in err
-    assert (store.cell_dir("abc") / "rows.parquet").read_bytes() == b"garbage"  # untouched
+    code = main(["table", "--results", str(store.root)])
+    out, err = capsys.readouterr()
+    assert code == 0 and "def" in out and "abc" not in out  # the healthy cell is read, the damaged one skipped
+    assert err.count("\n") == 1 and err.startswith("warning: skipped 1 damaged results cell")
+    assert "abc: rows.parquet does not match its recorded sha256" in err and "rerun" in err
+    assert (store.cell_dir("abc") / "rows.parquet").read_bytes() == b"garbage"  # readers change nothing
+    assert not store.is_complete("abc") and store.is_complete("def")  # so `run` recomputes it
 
 
 def test_empty_store_says_what_to_do(tmp_path, capsys):
