@@ -82,9 +82,22 @@ def _bootstrap_retentions(store: Store, dense_cells: dict[str, str], method_cell
         boots.append([m[idx].mean(axis=1) for m in methods])
     if not dense_means:
         return None
-    retention = list(np.mean(means, axis=0) / np.mean(dense_means))
-    boot = np.mean(boots, axis=0) / np.maximum(np.mean(dense_boot, axis=0), 1e-12)
+    dense_mean, dense_resampled = np.mean(dense_means), np.mean(dense_boot, axis=0)
+    retention = list(np.mean(means, axis=0) / dense_mean) if dense_mean > 0 else [float("nan")] * len(means[0])
+    # a resample in which dense scores 0 has no retention: it is left out, never divided by a floor
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = np.where(dense_resampled > 0, np.mean(boots, axis=0) / dense_resampled, np.nan)
     return retention, boot
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval; NaN (printed "CI n/a") when over 5% of the resamples have no value (dense scored 0
+    on them: too few items)."""
+    finite = samples[np.isfinite(samples)]
+    if len(finite) < 0.95 * len(samples):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def paired_retention(store: Store, dense_cells: dict[str, str], pruned_cells: dict[str, str],
@@ -95,8 +108,8 @@ def paired_retention(store: Store, dense_cells: dict[str, str], pruned_cells: di
     if result is None:
         return float("nan"), float("nan"), float("nan")
     (retention,), boot = result
-    lo, hi = np.percentile(boot[0], [2.5, 97.5])
-    return float(retention), float(lo), float(hi)
+    lo, hi = _interval(boot[0])
+    return float(retention), lo, hi
 
 
 def retention_difference(store: Store, dense_cells: dict[str, str], a_cells: dict[str, str],
@@ -107,8 +120,8 @@ def retention_difference(store: Store, dense_cells: dict[str, str], a_cells: dic
     if result is None:
         return float("nan"), float("nan"), float("nan")
     (ra, rb), boot = result
-    lo, hi = np.percentile(boot[0] - boot[1], [2.5, 97.5])
-    return float(ra - rb), float(lo), float(hi)
+    lo, hi = _interval(boot[0] - boot[1])
+    return float(ra - rb), lo, hi
 
 
 def _dense_accuracy(acc: pd.DataFrame, model, seed, device, dtype, limits: set) -> pd.DataFrame:
@@ -180,7 +193,7 @@ def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
                 diff, lo, hi = retention_difference(store, dense_cells, cells[a], cells[b], seed=int(seed))
                 if np.isfinite(diff):
                     out.append({"model": model, "target": target, "a": a, "b": b, "retention_a_minus_b": diff,
-                                "lo": lo, "hi": hi, "significant": bool(lo > 0 or hi < 0)})
+                                "lo": lo, "hi": hi, "significant": bool(np.isfinite(lo) and (lo > 0 or hi < 0))})
     return pd.DataFrame(out)
 
 
@@ -188,7 +201,7 @@ def format_pairwise(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(fewer than two pruned methods at one sparsity)"
     shown = frame.copy()
-    shown["A − B (95% CI)"] = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    shown["A − B (95% CI)"] = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else f"{d:+.3f} [CI n/a]"
                                for d, lo, hi in zip(shown["retention_a_minus_b"], shown["lo"], shown["hi"], strict=True)]
     shown["significant"] = shown["significant"].map({True: "yes", False: "no"})
     return shown[["target", "a", "b", "A − B (95% CI)", "significant"]].to_string(
@@ -200,7 +213,7 @@ def format_summary(frame: pd.DataFrame) -> str:
         return "(no results)"
     shown = frame.copy()
     shown["retention (95% CI)"] = [
-        f"{r:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(r) else "-"
+        "-" if not np.isfinite(r) else f"{r:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{r:.3f} [CI n/a]"
         for r, lo, hi in zip(shown["retention"], shown["ret_lo"], shown["ret_hi"], strict=True)]
     shown["c tasks [min, max]"] = [f"{c:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(c) else "-"
                                    for c, lo, hi in zip(shown["c(tasks)"], shown["c_min(tasks)"],

@@ -14,7 +14,8 @@ from bench.gate import DEFAULT_BASELINE, DEFAULT_CONFIG, compare, format_checks,
 
 def _record(retention: float, ppl: float, flops: int, sparsity: float, acc: float) -> dict:
     return {"target_sparsity": 0.25, "retention": retention, "retention_ci": [retention - 0.1, retention + 0.1],
-            "accuracy": {"piqa": acc, "arc_easy": acc - 0.1}, "ppl": ppl, "decoder_flops": flops,
+            "accuracy": {"piqa": acc, "arc_easy": acc - 0.1}, "ppl": ppl, "ppl_ratio": ppl / 28.7,
+            "matched": {"piqa": True, "efficiency": True}, "decoder_flops": flops,
             "dense_decoder_flops": 1_000_000, "measured_sparsity": {"piqa": sparsity, "efficiency": sparsity},
             "timings": {"prefill_ms": 900.0}}
 
@@ -71,11 +72,19 @@ def test_any_flops_or_sparsity_change_fails(config, current):
 
 
 def test_ppl_tolerance_is_relative_both_ways(config, current):
+    """Dense is gated on its perplexity, every other method on its ratio to dense on the same positions."""
     tol = config.tolerances.ppl_relative
-    for factor, fails in ((1 + tol / 2, False), (1 + 2 * tol, True), (1 - 2 * tol, True)):
-        baseline = copy.deepcopy(current)
-        baseline["methods"]["shortgpt"]["ppl"] = 60.0 * factor
-        assert bool(_failed(compare(baseline, current, config))) is fails, factor
+    for method, key in (("dense", "ppl"), ("shortgpt", "ppl_ratio")):
+        for factor, fails in ((1 + tol / 2, False), (1 + 2 * tol, True), (1 - 2 * tol, True)):
+            baseline = copy.deepcopy(current)
+            baseline["methods"][method][key] *= factor
+            assert bool(_failed(compare(baseline, current, config))) is fails, (method, factor)
+
+
+def test_an_unmatched_cell_of_a_gated_method_fails(config, current):
+    baseline = copy.deepcopy(current)
+    current["methods"]["shortgpt"]["matched"]["piqa"] = False
+    assert _failed(compare(baseline, current, config)) == [("shortgpt", "matched piqa")]
 
 
 def test_timings_are_never_gated(config, current):

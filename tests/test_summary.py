@@ -132,3 +132,15 @@ def test_current_rows_keep_the_newest_cell_of_each_setup():
          "timestamp": "2026-11-01T10:00:00", "value": 0.5},
     ])
     assert sorted(current_rows(rows)["cell"]) == ["dense", "new", "other-limit", "wiki-new"]
+
+
+def test_degenerate_resamples_give_no_interval_instead_of_a_huge_one():
+    """Two items, dense right on one: a quarter of the resamples have dense at 0, so no CI can be estimated; dense
+    against itself is exactly 1 on every resample."""
+    store = _Samples({"piqa/dense": [1.0, 0.0], "piqa/a": [1.0, 1.0]})
+    retention, lo, hi = paired_retention(store, {"piqa": "piqa/dense"}, {"piqa": "piqa/a"})
+    assert retention == 2.0 and np.isnan(lo) and np.isnan(hi)
+    store.scores["piqa/many"] = [1.0, 0.0, 1.0, 1.0] * 10  # enough items: dense is never 0 on a resample
+    assert paired_retention(store, {"piqa": "piqa/many"}, {"piqa": "piqa/many"}) == (1.0, 1.0, 1.0)
+    store = _Samples({"piqa/dense": [0.0, 0.0], "piqa/a": [1.0, 0.0]})
+    assert np.isnan(paired_retention(store, {"piqa": "piqa/dense"}, {"piqa": "piqa/a"})[0])
