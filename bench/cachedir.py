@@ -18,7 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 
-from bench.fileutil import file_sha256, pid_alive
+from bench.fileutil import file_sha256, move_into_place, pid_alive
 
 MANIFEST = "bench-manifest.json"
 
@@ -93,11 +93,5 @@ def cached_dir(directory: Path, build: Callable[[Path], None]) -> Path:
             raise
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
-        if directory.exists():
-            old = directory.parent / f".tmp-{directory.name}-old-{os.getpid()}"
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
+        move_into_place(tmp, directory, directory.parent / f".tmp-{directory.name}-old-{os.getpid()}")
     return directory

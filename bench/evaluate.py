@@ -11,10 +11,14 @@ Two paths, chosen per method (`BenchLM.path`):
   rounding). It needs no KV cache, so a method that removes a whole attention block (BlockPruner) is safe.
 - "per-request" (methods with `sequence_dependent = True`: FTP, SDTP; and attention kernels that take no custom
   mask). One unpadded row per request, as stock lm-eval builds it, with no mask (plain causal attention). Rows are
-  batched only with rows of the same length, so a token-routing method never sees padding or another request.
+  batched only with rows of the same length and the same scored span, so a token method never sees padding, every
+  row of a batch protects the same positions, and a row's decisions (and FLOPs) are those it gets alone.
 
 Both paths sort by length (little padding), run under `torch.inference_mode`, compute logits only at scored
-positions, and tell the method which positions are scored (`methods.base.scoring`)."""
+positions, and tell the method which positions are scored (`methods.base.scoring`). The harness plans a task's
+forwards first (`Forward`: exactly what will run), lets an input-dependent method solve its matching knob on them
+(`on_workload`), then runs each under FlopCounterMode (`dense_flops`): the cell's compute sparsity is counted on
+every forward it scored."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -24,3 +25,15 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+def move_into_place(tmp: Path, final: Path, old: Path) -> None:
+    """Rename the finished directory `tmp` to `final`; an existing `final` is first moved aside to `old` (where
+    readers never look) and removed after, so `final` is always whole: the old one or the new one."""
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)

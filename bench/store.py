@@ -29,7 +29,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from bench.errors import BenchError
-from bench.fileutil import file_sha256, pid_alive
+from bench.fileutil import file_sha256, move_into_place, pid_alive
 
 # Column -> pandas dtype. Fixed so every cell's parquet file has the same schema.
 SCHEMA: dict[str, str] = {
@@ -155,14 +155,7 @@ class Store:
         meta = {"cell": cell, "identity": identity, "files": files, "written": time.time()}
         (tmp / IDENTITY).write_text(json.dumps(meta, indent=1, default=str))
         final = self.cell_dir(cell)
-        if final.exists():
-            old = self.staging / f"old-{cell}-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        move_into_place(tmp, final, self.staging / f"old-{cell}-{os.getpid()}")
         return final
 
     # -- readers ----------------------------------------------------------------------------------------------

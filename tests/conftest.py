@@ -10,6 +10,17 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models' ops take microseconds; on a shared 2-core machine waking a second OpenMP thread only spins
+    (~10 ms per op under load: a tiny FTP calibration took 0.2 s on one thread, 37 s on two). Modules of tiny-model
+    tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny():
     from bench.models import tiny_llama

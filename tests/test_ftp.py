@@ -20,14 +20,7 @@ from methods.ftp.training import distillation_loss, guide_loss, guide_weight, sp
 SCHEDULE = [0.0, 0.5, 0.25, 0.4, 0.6, 0.3]  # six blocks, as the `tiny` fixture
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops take microseconds; on a shared 2-core machine waking a second thread costs ~10 ms per op
-    (a tiny calibration: 0.2 s on one thread, 37 s on two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _router(compute_bias: float = 0.0) -> TokenRouter:

@@ -12,13 +12,7 @@ from bench.models import tiny_llama
 from methods import make_method
 from methods.base import CalibrationSet, scoring
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +168,25 @@ def test_perplexity_ratio_is_one_for_dense_and_uses_the_same_positions():
                              scored=torch.ones_like(keep))
     assert dense.ppl_on(keep) == pytest.approx(torch.tensor(2.0).exp().item())  # (1 + 3) / 2, not (1+2+3+4)/4
     assert method.ppl_on(keep) / dense.ppl_on(keep) == pytest.approx(torch.tensor(0.5).exp().item())
+
+
+@pytest.mark.parametrize("name", [n for n in __import__("methods").available_methods() if n != "dense"])
+def test_every_method_is_matched_by_the_harness_rule(deep, name):
+    """The harness's rule for each kind of method (fit to the lengths, or solve the knob on the inputs) brings c,
+    counted with FlopCounterMode on every forward, within ±0.02 of the target on a 12-layer model."""
+    from bench.runner import fits_lengths
+
+    fields = {"blockpruner": {"search_steps": 12}}.get(name, {})
+    method = _calibrated(name, deep, **fields) if make_method(name).needs_calibration \
+        else make_method(name, sparsity=0.25)
+    workload, dense = _workload(SHORT, 3), _dense(deep)  # dense FLOPs of the full model (layer removal edits config)
+    if fits_lengths(method):
+        method.fit_lengths(deep.config, workload.shapes)
+    with method.apply(deep) as pruned:
+        knob = method.knob(deep.config)
+        result = solve_knob(method, pruned, workload, dense) if knob is not None else None
+        measured = workload_sparsity(pruned, workload, dense)
+        stats = method.stats()
+    assert abs(measured - 0.25) <= MATCH_TOLERANCE, (name, measured)
+    if result is not None:  # the stats report the knob in force: the solved one
+        assert (stats["knob"], stats["knob_value"]) == (knob.name, pytest.approx(result.value))
