@@ -84,7 +84,6 @@ class FlopTally:
     dense: int = 0
     items: int = 0  # requests scored
     tokens: int = 0  # input tokens of those requests (unpadded)
-    padded_tokens: int = 0  # batch × width summed over forwards
 
     @property
     def sparsity(self) -> float | None:
@@ -272,7 +271,6 @@ class BenchLM(HFLM):
                 self.engine.flops.dense += self.dense_flops(*forward.shape)
         self.engine.forwards += 1
         self.engine.padded_tokens += forward.input_ids.numel()
-        self.engine.flops.padded_tokens += forward.input_ids.numel()
         return F.log_softmax(logits.float(), dim=-1).cpu()
 
     @staticmethod

@@ -62,10 +62,6 @@ class MatchResult:
     steps: int = 0
     reason: str = ""  # why a target could not be reached (empty when it could)
 
-    def record(self) -> dict:
-        return {"knob": self.knob, "knob_value": self.value, "solve_steps": self.steps,
-                "solved_sparsity": self.solved_sparsity, "unmatched_reason": self.reason or None}
-
 
 def is_matched(measured: float | None, target: float) -> bool:
     return measured is not None and abs(measured - target) <= MATCH_TOLERANCE + 1e-12
@@ -113,6 +109,7 @@ def solve_knob(method: Method, model, workload: Workload, dense_flops: Callable[
     first = workload.forwards[0]
     exact = method.row_flops(config, int(first[0].shape[1]), None if first[1] is None else first[1][0]) is not None
     sample = workload if exact else workload.subsample(SOLVE_TOKENS)
+    steps_allowed = 4 * max_steps if exact else max_steps  # arithmetic steps cost next to nothing
 
     def measure(value: float) -> float:
         method.set_knob(value)
@@ -134,7 +131,7 @@ def solve_knob(method: Method, model, workload: Workload, dense_flops: Callable[
                              f"gives c = {seen[bound]:.4f}")
         else:
             lo, hi = (start, bound) if start < bound else (bound, start)
-            while result.steps < (4 * max_steps if exact else max_steps) and min(abs(c - target) for c in seen.values()) > tolerance:
+            while result.steps < steps_allowed and min(abs(c - target) for c in seen.values()) > tolerance:
                 g_lo, g_hi = gap(lo), gap(hi)
                 x = lo + (hi - lo) * g_lo / (g_lo - g_hi) if g_lo != g_hi else (lo + hi) / 2
                 if not lo + 0.05 * (hi - lo) < x < hi - 0.05 * (hi - lo):

@@ -308,17 +308,14 @@ class Runner:
         """Perplexity with the knob solved on the windows themselves; compute sparsity counted with FlopCounterMode
         on every window as it was scored (`measured_sparsity`: all windows; `compute_sparsity_sd`: spread across
         windows); `ppl_ratio`: the method's perplexity ÷ the dense model's on exactly the same predictions."""
-        from bench.perplexity import wikitext_windows
+        from bench.perplexity import perplexity, wikitext_windows
 
         windows = wikitext_windows(self.tokenizer, settings["seq_len"], settings["windows"])
-        match = self.fit(method, [(1, windows.shape[1])] * len(windows)) if fits_lengths(method) \
-            else MatchResult(target=method.sparsity)
+        match = self.fit(method, [(1, windows.shape[1])] * len(windows))
         with method.apply(self.model) as pruned:
             if method.knob(self.model.config) is not None:
                 workload = Workload([(w[None], torch.zeros(1, len(w), dtype=torch.bool), {}) for w in windows])
                 match = self.solve(method, pruned, workload)
-            from bench.perplexity import perplexity
-
             result = perplexity(pruned, windows, progress=self.config.progress, count_flops=True)
         dense = self.dense_perplexity(windows)
         dense_window = self.dense_flops(1, windows.shape[1])
@@ -346,7 +343,7 @@ class Runner:
         n, b = settings["seq_len"], settings["batch"]
         ids = wikitext_windows(self.tokenizer, n, b).to(self.device)
         dense_flops = count_flops(self.model, ids).decoder
-        match = self.fit(method, [(b, n)]) if fits_lengths(method) else MatchResult(target=method.sparsity)
+        match = self.fit(method, [(b, n)])
         if method.knob(self.model.config) is not None:
             with method.apply(self.model) as pruned:  # the solved knob stays set for the timed apply()s below
                 match = self.solve(method, pruned, Workload([(ids, torch.zeros_like(ids, dtype=torch.bool), {})]))

@@ -193,6 +193,13 @@ class Method:
         the inputs' content (layer and block removal)."""
         return None
 
+    def knob_in_force(self, config) -> float | None:
+        """The knob value forward passes use now: the one set by `set_knob`, else the method's own start value."""
+        knob = self.knob(config)
+        if knob is None:
+            return None
+        return knob.value if self._knob_value is None else float(self._knob_value)
+
     def set_knob(self, value: float | None) -> None:
         """Use this knob value from now on (also inside a live apply()); None: back to the method's own."""
         if value is not None:

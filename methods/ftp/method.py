@@ -389,16 +389,14 @@ class FTP(Method):
         (2·H·n_i² for the n_i computed tokens) in every block a later routed block reads. Argmax: None."""
         if self.router == "learned" and self.selection == "argmax":
             return None
-        knob = self.knob(config)
-        scale = 1.0 if knob is None else (knob.value if self._knob_value is None else float(self._knob_value))
-        schedule = scaled_schedule(self.artifact["schedule"], scale, self.max_block_sparsity) if knob else \
-            list(self.artifact["schedule"])
+        scale = self.knob_in_force(config)  # None: an all-zero schedule, which scaling leaves as it is
+        schedule = scaled_schedule(self.artifact["schedule"], 1.0 if scale is None else scale, self.max_block_sparsity)
         coeff = LayerFlopCoefficients.from_config(config)
         counts = [width if i == 0 or s <= 0 else keep_count(s, width) for i, s in enumerate(schedule)]
         flops = sum(coeff.layer(n) for n in counts)
         if self.router == "learned":
-            flops += sum(width * TokenRouter(self.router_hidden).flops_per_token
-                         for i, s in enumerate(schedule) if i > 0 and s > 0)
+            routed = sum(1 for i, s in enumerate(schedule) if i > 0 and s > 0)
+            flops += routed * width * TokenRouter(self.router_hidden).flops_per_token
             flops += sum(2 * config.num_attention_heads * n * n for i, n in enumerate(counts)
                          if any(s > 0 for s in schedule[i + 1:]))
         return flops
@@ -408,7 +406,7 @@ class FTP(Method):
         knob = self.knob(self._model_config)
         if knob is None:
             return
-        value = knob.value if self._knob_value is None else float(self._knob_value)
+        value = self.knob_in_force(self._model_config)
         if knob.name == "compute_threshold":
             ctl.compute_threshold = value
         else:
@@ -424,8 +422,7 @@ class FTP(Method):
         if ctl is None:
             return MethodStats(None, None, [], [])
         summary = routing_summary(ctl)
-        value = None if knob is None else (ctl.compute_threshold if knob.name == "compute_threshold"
-                                           else (knob.value if self._knob_value is None else self._knob_value))
+        value = self.knob_in_force(self._model_config)
         details = {k: v for k, v in summary.items() if k not in ("compute_sparsity", "per_block_computed_fraction")}
         return MethodStats(
             compute_sparsity=summary["compute_sparsity"] if ctl.stats.forwards else None,
