@@ -22,7 +22,6 @@ _REGISTRY: dict[str, tuple[str, dict]] = {
     "ftp-nopos": ("methods.ftp:FTP", {"position_input": False}),
     "ftp-nosparsity": ("methods.ftp:FTP", {"sparsity_input": False, "selection": "topk"}),
     "ftp-topk": ("methods.ftp:FTP", {"selection": "topk"}),
-    "ftp-sink": ("methods.ftp:FTP", {"selection": "topk", "keep_first_token": True}),
 }
 
 

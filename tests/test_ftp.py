@@ -12,10 +12,26 @@ from bench.flops import LayerFlopCoefficients, count_flops
 from methods import make_method
 from methods.base import CalibrationSet
 from methods.ftp import FTP
-from methods.ftp.block import RoutingController, routed_model
-from methods.ftp.router import TokenRouter, static_compute_mask, topk_compute_mask
+from methods.ftp.block import RoutingController, RoutingPolicy, routed_model
+from methods.ftp.measure import measure_routing, solve_scale
+from methods.ftp.router import (
+    TokenRouter,
+    newest_token_features,
+    router_features,
+    static_compute_mask,
+    topk_compute_mask,
+)
 from methods.ftp.schedule import GAConfig, genetic_search, token_sparsity_for_compute, uniform_schedule
-from methods.ftp.training import distillation_loss, guide_loss, guide_weight, sparsity_loss
+from methods.ftp.training import (
+    TrainConfig,
+    distillation_loss,
+    guide_loss,
+    guide_weight,
+    sparsity_loss,
+    teacher_features,
+    train_router,
+    warm_start,
+)
 
 SCHEDULE = [0.0, 0.5, 0.25, 0.4, 0.6, 0.3]  # six blocks, as the `tiny` fixture
 
@@ -36,6 +52,10 @@ def _router(compute_bias: float = 0.0) -> TokenRouter:
     return router.eval().requires_grad_(False)
 
 
+def _controller(config, schedule, router, kind="learned", selection="argmax", **policy) -> RoutingController:
+    return RoutingController(config, RoutingPolicy(tuple(schedule), kind=kind, selection=selection, **policy), router)
+
+
 def _ids(length: int = 40, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -50,7 +70,7 @@ def _logits(model, ids, **kwargs) -> torch.Tensor:
 def test_sparsity_zero_equals_dense(tiny, kind, selection):
     ids = _ids()
     dense = _logits(tiny, ids)
-    ctl = RoutingController(tiny.config, [0.0] * 6, _router(compute_bias=-5.0) if kind == "learned" else None,
+    ctl = _controller(tiny.config, [0.0] * 6, _router(compute_bias=-5.0) if kind == "learned" else None,
                             kind=kind, selection=selection)
     with routed_model(tiny, ctl):
         routed = _logits(tiny, ids)
@@ -69,7 +89,7 @@ def test_method_at_sparsity_zero_equals_dense(tiny, tiny_calibration):
 
 def test_skipped_tokens_bypass_the_block_and_are_absent_from_its_keys(tiny):
     ids = _ids()
-    ctl = RoutingController(tiny.config, SCHEDULE, _router(), kind="learned", selection="topk")
+    ctl = _controller(tiny.config, SCHEDULE, _router(), kind="learned", selection="topk")
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     with routed_model(tiny, ctl):
         handles = [layer.register_forward_hook(
@@ -107,7 +127,7 @@ def test_executed_flops_match_the_analytic_count(tiny, kind, selection):
     ids = _ids(48)
     coeff = LayerFlopCoefficients.from_config(tiny.config)
     router = _router() if kind == "learned" else None
-    ctl = RoutingController(tiny.config, SCHEDULE, router, kind=kind, selection=selection)
+    ctl = _controller(tiny.config, SCHEDULE, router, kind=kind, selection=selection)
     with routed_model(tiny, ctl):
         measured = count_flops(tiny, ids).decoder
         counts = [int(ctl.last_decisions[i].sum()) for i in range(6)]
@@ -128,16 +148,14 @@ def test_executed_flops_match_the_analytic_count(tiny, kind, selection):
 def test_real_skipping_equals_the_gated_simulation(tiny):
     """Gather/scatter inference and the training-time simulation (h + g·Δ, skipped keys masked) agree."""
     ids = _ids(36)
-    ctl = RoutingController(tiny.config, SCHEDULE, _router(), kind="learned", selection="argmax")
+    ctl = _controller(tiny.config, SCHEDULE, _router(), kind="learned", selection="argmax")
     with routed_model(tiny, ctl):
         routed = _logits(tiny, ids)
         decisions = {i: d.clone() for i, d in ctl.last_decisions.items()}
-        ctl.mode, ctl.forced_decisions = "simulate", decisions
-        simulated = _logits(tiny, ids)
-        ctl.mode, ctl.forced_decisions = "route", None
-        ctl.mode = "simulate"
-        unforced = _logits(tiny, ids)  # argmax gates from the router itself: the same decisions
-        ctl.mode = "route"
+        with ctl.simulating(forced=decisions):
+            simulated = _logits(tiny, ids)
+        with ctl.simulating():
+            unforced = _logits(tiny, ids)  # argmax gates from the router itself: the same decisions
     torch.testing.assert_close(simulated, routed, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unforced, routed, rtol=1e-5, atol=1e-5)
 
@@ -149,7 +167,7 @@ def test_static_router_keeps_first_token_and_recent_window(tiny):
     assert mask[0].nonzero()[:, 0].tolist() == [0, 7, 8, 9]
     padded = torch.tensor([[False, False, True, True, True, True, True, True]])
     assert static_compute_mask(padded, 0.5)[0].nonzero()[:, 0].tolist() == [2, 6, 7]  # budget from 6 valid tokens
-    ctl = RoutingController(tiny.config, SCHEDULE, None, kind="static")
+    ctl = _controller(tiny.config, SCHEDULE, None, kind="static")
     with routed_model(tiny, ctl):
         _logits(tiny, _ids(20))
         for i, s in enumerate(SCHEDULE):
@@ -218,48 +236,6 @@ def test_attention_received_equals_its_definition():
     torch.testing.assert_close(attention_received(causal), attention_received(causal, causal_visibility(n, n, "cpu")[None]))
 
 
-@pytest.mark.parametrize("selection", ["argmax", "topk"])
-def test_keep_first_token_computes_each_rows_first_valid_token(tiny, selection):
-    """ftp-sink's rule: the learned router's decisions plus each row's first valid token (not padding), inside the
-    top-k budget; without it the hand-set router skips that token in every routed block."""
-    ids = _ids(24)
-    pad = 3
-    batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), ids[:, :-pad]], 1), ids])
-    mask = torch.ones_like(batch)
-    mask[0, :pad] = 0
-    decisions = {}
-    for keep_first in (False, True):
-        ctl = RoutingController(tiny.config, SCHEDULE, _router(), kind="learned", selection=selection)
-        ctl.keep_first = keep_first
-        with routed_model(tiny, ctl):
-            _logits(tiny, batch, attention_mask=mask, use_cache=False)
-        decisions[keep_first] = {i: d.clone() for i, d in ctl.last_decisions.items()}
-    first = torch.tensor([pad, 0])
-    rows = torch.arange(2)
-    for i in (i for i, s in enumerate(SCHEDULE) if s > 0):
-        without, with_first = decisions[False][i], decisions[True][i]
-        assert not without[rows, first].any()  # the router alone skips the first token here
-        assert with_first[rows, first].all()
-        assert not with_first[0, :pad].any()  # padding stays skipped
-        if selection == "topk":
-            assert torch.equal(with_first.sum(-1), without.sum(-1))  # the budget is unchanged
-        elif i == 1:  # later blocks read an attention table that the extra token changed
-            assert torch.equal(with_first, without | (torch.arange(batch.shape[1])[None] == first[:, None]))
-
-
-def test_ftp_sink_runs_ftp_topks_artifact():
-    """keep_first_token is an inference rule: ftp-sink's calibration key is ftp-topk's."""
-    from bench.artifacts import CalibrationSettings, artifact_key, key_hash
-    from methods.base import MethodConfigError
-
-    settings = CalibrationSettings(n_samples=4, seq_len=32, source="c4", seed=0)
-    topk, sink = make_method("ftp-topk", sparsity=0.25), make_method("ftp-sink", sparsity=0.25)
-    assert sink.keep_first_token and not topk.keep_first_token and sink.selection == "topk"
-    assert key_hash(artifact_key("m", topk, settings)) == key_hash(artifact_key("m", sink, settings))
-    with pytest.raises(MethodConfigError, match="keep_first_token"):
-        make_method("ftp-static", keep_first_token=True)
-
-
 def test_padded_rows_match_unpadded_rows(tiny):
     """Padding is never computed in routed blocks and never counts toward a budget."""
     ids = _ids(24)
@@ -270,7 +246,7 @@ def test_padded_rows_match_unpadded_rows(tiny):
     mask[0, :pad] = 0
     positions = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.arange(24)[None]], 1)
     positions = torch.cat([positions, torch.arange(24 + pad)[None]])
-    ctl = RoutingController(tiny.config, SCHEDULE, None, kind="static")
+    ctl = _controller(tiny.config, SCHEDULE, None, kind="static")
     with routed_model(tiny, ctl):
         alone = _logits(tiny, ids)
         both = _logits(tiny, batch, attention_mask=mask, position_ids=positions, use_cache=False)
@@ -285,7 +261,7 @@ def test_generate_with_cache_matches_full_sequence_reference(tiny):
     earlier tokens and their decisions, so the two must give the same logits at every position, and greedy
     decoding must pick their argmax."""
     prompt = _ids(16)
-    ctl = RoutingController(tiny.config, SCHEDULE, _router(compute_bias=-1.5), kind="learned")
+    ctl = _controller(tiny.config, SCHEDULE, _router(compute_bias=-1.5), kind="learned")
     steps: list[dict[int, torch.Tensor]] = []
     with routed_model(tiny, ctl):
         hook = tiny.model.register_forward_hook(lambda *a: steps.append(dict(ctl.last_decisions)))
@@ -297,9 +273,8 @@ def test_generate_with_cache_matches_full_sequence_reference(tiny):
         total = sequence.shape[1] - 1  # the last token was never fed back
         decisions = {i: torch.cat([step[i] for step in steps], dim=1)[:, :total] for i in range(6)}
         decode_skips = sum(int((~decisions[i][:, 16:]).sum()) for i in range(1, 6))
-        ctl.mode, ctl.forced_decisions = "simulate", decisions
-        reference = _logits(tiny, sequence[:, :total])
-        ctl.mode, ctl.forced_decisions = "route", None
+        with ctl.simulating(forced=decisions):
+            reference = _logits(tiny, sequence[:, :total])
     generated = torch.stack(out.logits, dim=1)
     torch.testing.assert_close(generated, reference[:, 15:], rtol=1e-4, atol=1e-4)
     assert torch.equal(sequence[:, 16:], reference[:, 15:].argmax(-1))
@@ -310,7 +285,7 @@ def test_generate_with_cache_matches_full_sequence_reference(tiny):
 def test_cached_decoding_rejects_batches(tiny):
     from methods.base import MethodConfigError
 
-    ctl = RoutingController(tiny.config, SCHEDULE, None, kind="static")
+    ctl = _controller(tiny.config, SCHEDULE, None, kind="static")
     with routed_model(tiny, ctl), pytest.raises(MethodConfigError, match="batch size 1"):
         tiny.generate(_ids(12, batch=2), max_new_tokens=2, do_sample=False)
 
@@ -350,19 +325,19 @@ def test_each_loss_is_zero_where_it_should_be():
     assert float(sparsity_loss(p, [0.0, 0.6, 0.3])) == pytest.approx(0.1 + 0.2)
     h = torch.randn(1, 5, 8)
     assert float(distillation_loss(h, h.clone())) == 0.0
+    assert float(distillation_loss(h, 2 * h, normalised=True)) == pytest.approx(float((h ** 2).mean() / (2 * h).var()))
     assert guide_weight(0, 100) == 1.0 and guide_weight(25, 100) == 0.5 and guide_weight(50, 100) == 0.0
     assert guide_weight(99, 100) == 0.0
 
 
 def test_distillation_is_zero_when_every_token_is_computed(tiny):
     ids = _ids(20)
-    ctl = RoutingController(tiny.config, SCHEDULE, _router(), kind="learned")
+    ctl = _controller(tiny.config, SCHEDULE, _router(), kind="learned")
     with routed_model(tiny, ctl):
-        ctl.mode = "dense"
-        dense = tiny.model(input_ids=ids).last_hidden_state
-        ctl.mode, ctl.forced_decisions = "simulate", {i: torch.ones(1, 20, dtype=torch.bool) for i in range(6)}
-        simulated = tiny.model(input_ids=ids).last_hidden_state
-        ctl.mode, ctl.forced_decisions = "route", None
+        with ctl.dense():
+            dense = tiny.model(input_ids=ids).last_hidden_state
+        with ctl.simulating(forced={i: torch.ones(1, 20, dtype=torch.bool) for i in range(6)}):
+            simulated = tiny.model(input_ids=ids).last_hidden_state
     assert float(distillation_loss(simulated, dense)) < 1e-10
 
 
@@ -397,34 +372,28 @@ def test_calibrate_is_seeded_and_hits_the_target(tiny):
 
 
 def test_rescaling_moves_an_argmax_router_onto_the_target(tiny):
-    """The argmax router's sparsity is measured, then the schedule scaled until it fits (bisection)."""
-    method = FTP(sparsity=0.3, preset="test", progress=False)
-    ctl = RoutingController(tiny.config, SCHEDULE, _router(compute_bias=1.0), kind="learned")
+    """The argmax router's sparsity is measured, then the schedule scaled until it fits (regula falsi)."""
+    ctl = _controller(tiny.config, SCHEDULE, _router(compute_bias=1.0))
     windows = _ids(48, batch=2)
     with routed_model(tiny, ctl):
-        fit = method._rescale(tiny, ctl, SCHEDULE, windows)
+        fit = solve_scale(tiny, ctl, SCHEDULE, windows, 0.3, 0.005, 12, 0.9)
     first = fit.history[0]
-    assert first["scale"] == 1.0 and abs(first["compute_sparsity"] - 0.3) > method.rescale_tolerance  # misses ...
-    assert abs(fit.measured["compute_sparsity"] - 0.3) <= method.rescale_tolerance  # ... the rescaled one fits
-    assert fit.scale != 1.0 and fit.threshold == 0.5
+    assert first["scale"] == 1.0 and abs(first["compute_sparsity"] - 0.3) > 0.005  # misses ...
+    assert abs(fit.measured["compute_sparsity"] - 0.3) <= 0.005  # ... the rescaled one fits
+    assert fit.scale != 1.0 and ctl.policy.schedule == tuple(min(0.9, s * fit.scale) for s in SCHEDULE)
 
 
-def test_threshold_fallback_when_scaling_cannot_reach_the_target(tiny):
-    """A router whose P(compute) ignores the sparsity input and stays above 0.5: no scale helps, the threshold does."""
-    method = FTP(sparsity=0.3, preset="test", rescale_iterations=8, progress=False)
+def test_a_router_deaf_to_its_sparsity_input_is_left_unmatched(tiny):
+    """No threshold is moved: a router whose P(compute) ignores s_i and stays above 0.5 cannot be scaled onto the
+    target, and the solve says so (c stays near 0) instead of changing the decision rule."""
     router = _router(compute_bias=2.0)
     with torch.no_grad():
         router.net[2].weight[0, 2] = 0.0  # no dependence on s_i
-    ctl = RoutingController(tiny.config, SCHEDULE, router, kind="learned")
+    ctl = _controller(tiny.config, SCHEDULE, router)
     with routed_model(tiny, ctl):
-        fit = method._rescale(tiny, ctl, SCHEDULE, _ids(48))
-    assert all(h["compute_sparsity"] < 0.05 for h in fit.history if h["threshold"] == 0.5)
-    assert fit.threshold > 0.5 and abs(fit.measured["compute_sparsity"] - 0.3) <= 0.02
-    with torch.no_grad():
-        router.net[2].bias[0] = -3.0  # now it skips nearly everything, whatever s_i: the threshold goes down
-    with routed_model(tiny, ctl):
-        fit = method._rescale(tiny, ctl, SCHEDULE, _ids(48))
-    assert fit.threshold < 0.5 and abs(fit.measured["compute_sparsity"] - 0.3) <= 0.02
+        fit = solve_scale(tiny, ctl, SCHEDULE, _ids(48), 0.3, 0.005, 8, 0.9)
+    assert all(h["compute_sparsity"] < 0.05 for h in fit.history)
+    assert abs(fit.error(0.3)) > 0.2
 
 
 @pytest.mark.parametrize("name", ["ftp-static", "ftp-random", "ftp-uniform"])
@@ -458,6 +427,120 @@ def test_bad_fields_raise_clear_errors():
         FTP(selection="sample")
     with pytest.raises(MethodConfigError, match="holdout_windows"):
         FTP(holdout_windows=2, fitness_windows=2, rescale_windows=2)
+
+
+# -- the blocked attention pass, incremental decoding features, the training recipe ---------------------------
+@pytest.mark.parametrize("case", ["causal", "padded", "decode"])
+def test_blocked_attention_received_equals_eager_and_is_counted(case):
+    """One blocked pass gives SDPA's output and the eager definition of attention received, and FlopCounterMode
+    counts it as SDPA (full n×m) plus the column sums."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from methods.ftp import attention as A
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, m, dim = 2, 6, 2, 300, 8  # 300 > one query chunk
+    n = 1 if case == "decode" else m
+    query = torch.randn(batch, heads, n, dim, generator=g)
+    key, value = (torch.randn(batch, kv_heads, m, dim, generator=g) for _ in range(2))
+    module = torch.nn.Module()
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    mask = None
+    visible = A.causal_visibility(n, m, torch.device("cpu"))[None].expand(batch, n, m)
+    if case == "padded":
+        valid[0, :5] = False
+        visible = visible & valid[:, None, :] & valid[:, :, None]
+        mask = visible[:, None]
+    out_eager, probs = A.ftp_attention_forward(module, query, key, value, mask, ftp_need_probs=True)
+    expected = A.attention_received(probs, visible)
+    with FlopCounterMode(display=False) as counter:
+        out, received = A.ftp_attention_forward(module, query, key, value, mask, ftp_received=True,
+                                                ftp_valid=valid if case == "padded" else None)
+    rows = valid[:, :, None, None].expand_as(out)  # padding queries' outputs are unused
+    torch.testing.assert_close(out[rows], out_eager[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(received, expected, rtol=1e-4, atol=1e-5)
+    assert counter.get_total_flops() == 4 * batch * heads * n * m * dim + 2 * batch * heads * n * m
+
+
+def test_decode_features_equal_features_recomputed_over_the_sequence(tiny):
+    """Each cached decoding step builds the newest token's features in O(log N); they equal the features
+    `router_features` computes from scratch over the whole sequence and table, ties included."""
+    checked = []
+
+    class Checking(RoutingController):
+        def decode_decision(self, index):
+            state, policy = self.state, self.policy
+            if policy.routed(index):
+                scratch = router_features(state.valid, state.table, policy.schedule[index])[:, -1:]
+                fast = newest_token_features(int(state.valid.sum()), state.table[0, -1], state.previous_sorted,
+                                             policy.schedule[index])
+                torch.testing.assert_close(fast, scratch)
+                checked.append(index)
+            return super().decode_decision(index)
+
+    ctl = Checking(tiny.config, RoutingPolicy(tuple(SCHEDULE)), _router(compute_bias=-1.5))
+    with routed_model(tiny, ctl), torch.no_grad():
+        tiny.generate(_ids(16), max_new_tokens=8, do_sample=False)
+    assert len(checked) == 7 * 5  # every routed block of every decoding step
+    sorted_scores = torch.tensor([0.5, 1.0, 1.0, 2.0])
+    for score, rank in ((1.0, 3), (3.0, 0), (0.1, 4)):  # ties rank the newest token after the earlier ones
+        features = newest_token_features(5, torch.tensor(score), sorted_scores, 0.3, position="linear")
+        assert features[0, 0].tolist() == pytest.approx([0.8, score, rank / 5, 0.3])
+
+
+def _warm_started_router(tiny, windows: torch.Tensor) -> RoutingController:
+    config = TrainConfig(warm_start_steps=400, warm_start_lr=2e-2)
+    ctl = _controller(tiny.config, SCHEDULE, TokenRouter())
+    with routed_model(tiny, ctl):
+        features, decisions = teacher_features(tiny, ctl, windows, __import__("random").Random(0), config,
+                                               progress=False)
+    warm_start(ctl.router, features, decisions, config, progress=False)
+    return ctl
+
+
+def test_warm_started_router_follows_its_sparsity_input_and_keeps_the_first_token(tiny):
+    """Fitted to the static teacher at sampled schedule scales, the router's skip rate moves with a scaled schedule
+    (argmax, no budget imposed) and it computes each row's first token, as the teacher does."""
+    torch.manual_seed(0)
+    ctl = _warm_started_router(tiny, _ids(32, batch=12, seed=5))
+    held_out = _ids(32, batch=4, seed=6)
+    token_sparsity = []
+    with routed_model(tiny, ctl):
+        for scale in (0.6, 1.0, 1.4):
+            ctl.with_schedule([s * scale for s in SCHEDULE])
+            measured = measure_routing(tiny, ctl, held_out)
+            token_sparsity.append(measured["token_sparsity"])
+            assert measured["first_token_computed_fraction"] >= 0.9
+    assert token_sparsity[0] + 0.03 < token_sparsity[1] < token_sparsity[2] - 0.03, token_sparsity
+
+
+def test_model_selection_keeps_the_best_router_including_the_start(tiny):
+    """Joint training that only makes the held-out score worse ends with the router it started from."""
+    torch.manual_seed(0)
+    ctl = _controller(tiny.config, SCHEDULE, TokenRouter())
+    start = {k: v.clone() for k, v in ctl.router.state_dict().items()}
+    scores = iter(range(100))
+    with routed_model(tiny, ctl):
+        history = train_router(tiny, ctl, _ids(32, batch=4), TrainConfig(learning_rate=1e-1, select_every=2),
+                               select=lambda: {"loss": float(next(scores))}, progress=False)
+    assert [h["step"] for h in history["selection"]] == [0, 2, 4]
+    assert len(history["loss_total"]) == 4 and history["loss_total"][0] > 0
+    for key, value in ctl.router.state_dict().items():
+        assert torch.equal(value, start[key]), key
+
+
+def test_committed_ftp_artifact_uses_the_papers_rule():
+    """The shipped ftp artifact (default model, c = 0.25, seed 0) is found by key and was matched by the schedule
+    scale alone (no threshold), with the held-out measurements recorded."""
+    from bench.artifacts import COMMITTED_DIR, CalibrationSettings, artifact_key, key_hash, load_artifact_dir
+
+    method = make_method("ftp", sparsity=0.25)
+    key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=0))
+    artifact, _meta = load_artifact_dir(COMMITTED_DIR / f"ftp-{key_hash(key)}")
+    assert "compute_threshold" not in artifact
+    assert abs(artifact["measured_compute_sparsity"] - 0.25) <= method.rescale_tolerance
+    for name in ("heldout_lm_loss", "heldout_static_lm_loss", "first_token_computed_fraction"):
+        assert isinstance(artifact[name], float), name
 
 
 @pytest.fixture

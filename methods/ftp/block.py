@@ -1,24 +1,24 @@
-"""FTP's routed decoder block and the controller all routed blocks share.
+"""FTP's routed decoder block: the routing policy, the per-forward state, and the controller all routed blocks share.
 
-Before every block a router decides, per token, compute or skip. Inference ("route" mode) really skips: the computed
-tokens are gathered, the unchanged decoder layer runs on that shorter causal sequence with their original RoPE
-positions (cos/sin gathered), and the outputs are scattered back; skipped rows are copied, are no query and no
-key/value in that block, and write nothing to its KV cache. Block 0 is always computed and seeds the attention-score
-table. Training ("simulate" mode) runs every token and gates the update, h + g·Δ, with skipped tokens' keys masked:
-masking saves nothing and is used for training (and as the reference in tests) only.
+Before every block a router decides, per token, compute or skip. Inference really skips: the computed tokens are
+gathered, the unchanged decoder layer runs on that shorter causal sequence with their original RoPE positions
+(cos/sin gathered), and the outputs are scattered back; skipped rows are copied, are no query and no key/value in
+that block, and write nothing to its KV cache. Block 0 is always computed and seeds the attention-score table, which
+every block refreshes for its computed tokens from the same blocked attention pass that computes its output
+(`attention.attention_with_received`). The training simulation runs every token and gates the update, h + g·Δ, with
+skipped tokens' keys masked: masking saves nothing and is used for training (and as the reference in tests) only.
 
 Module replacement: `routed_model` swaps `model.model.layers[i]` for `RoutedDecoderLayer`s wrapping the original
 layers, points each attention module at a shallow-copied config whose attention implementation is "ftp_probs",
-captures attention probabilities with forward hooks and the 2-D padding mask with a pre-hook on the decoder, and
-restores everything on exit."""
+captures what that function returns beside the output with forward hooks, reads the 2-D padding mask with a
+pre-hook on the decoder, and restores everything on exit."""
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,9 @@ from bench.flops import LayerFlopCoefficients
 from methods.base import MethodConfigError
 from methods.ftp.attention import FTP_ATTENTION, attention_received, causal_visibility
 from methods.ftp.router import (
+    POSITION_SCALES,
     TokenRouter,
+    newest_token_features,
     random_compute_mask,
     router_features,
     static_compute_mask,
@@ -39,12 +41,72 @@ ROUTERS = ("learned", "static", "random")
 SELECTIONS = ("argmax", "topk")
 
 
-@dataclass
-class RoutingRecord:
-    """Training-time outputs of one simulated forward, per routed block (blocks with s_i = 0 are absent)."""
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """What decides which tokens a block computes; fixed during a forward (`replace` it to change the schedule).
 
-    p_compute: dict[int, torch.Tensor] = field(default_factory=dict)  # soft P(compute) [B, N]
-    static_compute: dict[int, torch.Tensor] = field(default_factory=dict)  # the static router's decision [B, N]
+    kind: "learned" (the router), "static" (first token + most recent window) or "random".
+    selection: "argmax" (the paper's rule: compute iff logit(compute) ≥ logit(skip)) or "topk" (exactly
+    ⌈(1 - s_i)·N⌉ tokens by P(compute)). Cached decoding uses argmax for both (per-sequence budgets do not apply).
+    log_features: log (features, static decision) pairs per routed block (the warm start's data): while the static
+    router routes (its own states, for which it also builds the attention-score table) or while the learned
+    router routes (the states its own decisions lead to, labelled by the static rule)."""
+
+    schedule: tuple[float, ...]
+    kind: str = "learned"
+    selection: str = "argmax"
+    position: str = "log"  # the position factor's scale (router.POSITION_SCALES; "off" for the ablation)
+    use_sparsity: bool = True
+    log_features: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTERS:
+            raise MethodConfigError(f"ftp: router must be one of {ROUTERS}, got {self.kind!r}")
+        if self.selection not in SELECTIONS:
+            raise MethodConfigError(f"ftp: selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.position not in POSITION_SCALES:
+            raise MethodConfigError(f"ftp: position must be one of {POSITION_SCALES}, got {self.position!r}")
+        object.__setattr__(self, "schedule", tuple(float(s) for s in self.schedule))
+
+    def routed(self, index: int) -> bool:
+        """Block 0 and blocks with s_i = 0 compute every token without asking a router."""
+        return index > 0 and self.schedule[index] > 0
+
+    @property
+    def needs_table(self) -> bool:
+        return self.kind == "learned" or self.log_features
+
+    def table_read_after(self, index: int) -> bool:
+        """Does a block after `index` run the router (and so read the attention-score table)?"""
+        return self.needs_table and any(self.routed(i) for i in range(index + 1, len(self.schedule)))
+
+
+@dataclass
+class Simulation:
+    """The training forward: gates instead of skipping. `sample_gates`: straight-through Gumbel samples (training),
+    else the policy's own rule; `forced`: decisions given per block (tests, references). Filled per routed block:
+    soft P(compute) and the static router's decision (the guide loss's target), and the gates."""
+
+    sample_gates: bool = False
+    forced: dict[int, torch.Tensor] | None = None
+    p_compute: dict[int, torch.Tensor] = field(default_factory=dict)
+    static_compute: dict[int, torch.Tensor] = field(default_factory=dict)
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ForwardState:
+    """One forward's (or one cached generation's) state: padding, the attention-score table, decisions.
+
+    decode: `previous_sorted` holds the valid earlier tokens' table values in ascending order (built once after
+    the prefill, one insertion per step), so a step's router features cost O(log N), not a sort of N tokens."""
+
+    valid: torch.Tensor  # [B, N] bool, False at padding
+    phase: str = "prefill"
+    table: torch.Tensor | None = None  # [B, N] float: the attention each token last received
+    decisions: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward's, per block
+    previous_sorted: torch.Tensor | None = None
+    newest_pending: bool = False  # a decode step's token whose score joins previous_sorted at the next step
 
 
 @dataclass
@@ -53,6 +115,8 @@ class RoutingStats:
 
     prefill_computed: list[int]
     prefill_tokens: list[int]
+    first_computed: list[int]  # rows whose first valid token the block computed
+    rows: list[int]
     executed_flops: int = 0
     dense_flops: int = 0
     router_flops: int = 0
@@ -63,61 +127,66 @@ class RoutingStats:
     @classmethod
     def empty(cls, num_layers: int) -> RoutingStats:
         return cls(prefill_computed=[0] * num_layers, prefill_tokens=[0] * num_layers,
-                   decode_computed=[0] * num_layers)
+                   first_computed=[0] * num_layers, rows=[0] * num_layers, decode_computed=[0] * num_layers)
 
 
 class RoutingController:
-    """State shared by all routed blocks: schedule, router, attention-score table, decisions and statistics.
+    """What all routed blocks share: the policy, the router, the current forward's state and the statistics.
 
-    mode: "route" (real skipping), "simulate" (gated training forward) or "dense" (the original layers)."""
+    Mode: routing (real skipping, the default), `dense()` (the original layers) or `simulating(...)` (the gated
+    training forward)."""
 
-    def __init__(self, config, schedule: list[float], router: TokenRouter | None, kind: str = "learned",
-                 selection: str = "argmax", use_position: bool = True, use_sparsity: bool = True,
-                 decode_threshold: float = 0.5, gumbel_tau: float = 1.0, seed: int = 0) -> None:
-        if kind not in ROUTERS:
-            raise MethodConfigError(f"ftp: router must be one of {ROUTERS}, got {kind!r}")
-        if selection not in SELECTIONS:
-            raise MethodConfigError(f"ftp: selection must be one of {SELECTIONS}, got {selection!r}")
-        if kind == "learned" and router is None:
+    def __init__(self, config, policy: RoutingPolicy, router: TokenRouter | None, gumbel_tau: float = 1.0,
+                 seed: int = 0) -> None:
+        if policy.kind == "learned" and router is None:
             raise MethodConfigError("ftp: the learned router needs router weights; calibrate first")
+        if len(policy.schedule) != config.num_hidden_layers:
+            raise MethodConfigError(f"ftp: the schedule has {len(policy.schedule)} blocks, the model "
+                                    f"{config.num_hidden_layers}; recalibrate for this model")
         self.num_layers = config.num_hidden_layers
         self.coefficients = LayerFlopCoefficients.from_config(config)
-        self.schedule = list(schedule)
+        self.heads = config.num_attention_heads
+        self.policy = policy
         self.router = router
-        self.kind = kind
-        self.selection = selection
-        self.use_position = use_position
-        self.use_sparsity = use_sparsity
-        self.decode_threshold = decode_threshold
-        self.keep_first = False  # learned router, prefill: always compute each row's first valid token (ftp-sink)
-        self.compute_threshold = 0.5  # prefill argmax rule: compute iff P(compute) > 0.5 (see FTP._rescale)
         self.gumbel_tau = gumbel_tau
         self.generator = torch.Generator().manual_seed(seed)
-        self.mode = "route"
-        self.sample_gates = False  # simulate mode: Gumbel-sampled gates (training) or argmax
-        self.forced_decisions: dict[int, torch.Tensor] | None = None  # simulate mode: given decisions per block
-        self.record = RoutingRecord()
         self.stats = RoutingStats.empty(self.num_layers)
-        self.last_decisions: dict[int, torch.Tensor] = {}
+        self.state: ForwardState | None = None
+        self.simulation: Simulation | None = None
+        self.is_dense = False
+        self.feature_log: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.final_hidden: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
-        self.table: torch.Tensor | None = None
-        self.phase = "prefill"
-        self._probs: torch.Tensor | None = None
+        self._extra: torch.Tensor | None = None
 
-    # -- per-forward bookkeeping --------------------------------------------------------------------------
-    @property
-    def needs_table(self) -> bool:
-        return self.kind == "learned" and self.mode != "dense"
+    # -- modes ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def dense(self) -> Iterator[None]:
+        self.is_dense = True
+        try:
+            yield
+        finally:
+            self.is_dense = False
 
-    def table_read_after(self, index: int) -> bool:
-        """Does a block after `index` run the router (and so read the attention-score table)? Blocks with s_i = 0
-        compute every token without asking it."""
-        return self.needs_table and any(s > 0 for s in self.schedule[index + 1:])
+    @contextmanager
+    def simulating(self, sample_gates: bool = False,
+                   forced: dict[int, torch.Tensor] | None = None) -> Iterator[Simulation]:
+        self.simulation = Simulation(sample_gates=sample_gates, forced=forced)
+        try:
+            yield self.simulation
+        finally:
+            self.simulation = None
+
+    def with_schedule(self, schedule) -> None:
+        self.policy = replace(self.policy, schedule=tuple(schedule))
 
     def reset_stats(self) -> None:
         self.stats = RoutingStats.empty(self.num_layers)
 
+    @property
+    def last_decisions(self) -> dict[int, torch.Tensor]:
+        return {} if self.state is None else self.state.decisions
+
+    # -- hooks ----------------------------------------------------------------------------------------------
     def begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook on the decoder: read the 2-D padding mask and whether this forward continues a cached one."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -131,108 +200,130 @@ class RoutingController:
             valid = mask[:, -length:].to(device=reference.device, dtype=torch.bool)
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
-        self.record = RoutingRecord()
-        self.last_decisions = {}
         if past == 0:
-            self.phase, self.valid, self.table = "prefill", valid, None
-            if self.mode == "route":
+            self.state = ForwardState(valid=valid)
+            if not self.is_dense and self.simulation is None:
                 self.stats.forwards += 1
             return
-        if self.mode != "route":
+        if self.is_dense or self.simulation is not None:
             raise MethodConfigError("ftp: cached forwards are only supported in routing (inference) mode")
         if length != 1 or batch != 1:
             raise MethodConfigError(
                 f"ftp: a cached forward must decode one token of one sequence (got batch {batch}, {length} tokens): "
                 "each block's cache holds only its computed tokens, so rows cannot share a cache tensor. "
                 "Generate with batch size 1 and prefill the whole prompt in one forward.")
-        if self.valid is None or self.valid.shape[1] != past:
+        state = self.state
+        if state is None or state.valid.shape[1] != past:
             raise MethodConfigError("ftp: this cache was not prefilled with FTP applied; prefill the prompt inside "
                                     "the same apply() context")
-        self.phase = "decode"
-        self.valid = torch.cat([self.valid, valid], dim=1)
-        if self.table is not None:
-            self.table = torch.cat([self.table, self.table.new_zeros(batch, 1)], dim=1)
+        if state.table is not None:
+            if state.previous_sorted is None:  # first step: one sort of the prompt's scores
+                state.previous_sorted = torch.sort(state.table[0][state.valid[0]]).values
+            elif state.newest_pending:  # the last step's token joins the earlier ones (a binary-search insert)
+                value = state.table[0, -1:]
+                at = int(torch.searchsorted(state.previous_sorted, value))
+                state.previous_sorted = torch.cat([state.previous_sorted[:at], value, state.previous_sorted[at:]])
+            state.table = torch.cat([state.table, state.table.new_zeros(batch, 1)], dim=1)
+            state.newest_pending = bool(valid[0, 0])
+        state.phase, state.decisions = "decode", {}
+        state.valid = torch.cat([state.valid, valid], dim=1)
         self.stats.decode_steps += 1
 
-    def capture_probs(self, module: nn.Module, args: tuple, output) -> None:
-        """Forward hook on attention modules: keep the probabilities ftp_probs returned (None from SDPA)."""
-        self._probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+    def capture_extra(self, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook on attention modules: keep what ftp_probs returned beside the output (probabilities during
+        the simulation, attention received while routing; None from SDPA)."""
+        self._extra = output[1] if isinstance(output, tuple) and len(output) > 1 else None
 
     # -- decisions ----------------------------------------------------------------------------------------------
-    def router_logits(self, index: int) -> torch.Tensor:
-        features = router_features(self.valid, self.table, self.schedule[index], self.use_position,
-                                   self.use_sparsity)
-        return self.router(features.to(next(self.router.parameters()).dtype))
+    def _p_compute(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [..., 2] = (compute, skip), P(compute)) of the router on these features."""
+        logits = self.router(features.to(next(self.router.parameters()).dtype)).float()
+        return logits, torch.softmax(logits, -1)[..., 0]
 
     def prefill_decision(self, index: int) -> torch.Tensor:
         """[B, N] bool: which tokens block `index` computes in a routed prefill."""
-        sparsity = self.schedule[index]
-        valid = self.valid
-        if index == 0 or sparsity <= 0:
+        policy, state = self.policy, self.state
+        valid = state.valid
+        if not policy.routed(index):
             return valid
-        if self.kind == "static":
-            return static_compute_mask(valid, sparsity)
-        if self.kind == "random":
+        sparsity = policy.schedule[index]
+        if policy.kind == "static":
+            compute = static_compute_mask(valid, sparsity)
+            if policy.log_features:
+                features = router_features(valid, state.table, sparsity, policy.position, policy.use_sparsity)
+                self.feature_log.append((features[valid].cpu(), compute[valid].cpu()))
+            return compute
+        if policy.kind == "random":
             return random_compute_mask(valid, sparsity, self.generator)
-        logits = self.router_logits(index)
-        self.stats.router_flops += logits.shape[0] * logits.shape[1] * self.router.flops_per_token
-        p_compute = torch.softmax(logits.float(), -1)[..., 0]
-        if self.keep_first:  # inside the top-k budget, on top of the argmax decisions
-            p_compute = p_compute.masked_fill(valid & (valid.long().cumsum(-1) == 1), math.inf)
-        if self.selection == "topk":
+        features = router_features(valid, state.table, sparsity, policy.position, policy.use_sparsity)
+        logits, p_compute = self._p_compute(features)
+        self.stats.router_flops += valid.numel() * self.router.flops_per_token
+        if policy.log_features:  # the teacher's label in the state the learned router itself produced
+            self.feature_log.append((features[valid].cpu(), static_compute_mask(valid, sparsity)[valid].cpu()))
+        if policy.selection == "topk":
             return topk_compute_mask(p_compute, valid, sparsity)
-        return valid & (p_compute > self.compute_threshold)
+        return valid & (logits[..., 0] >= logits[..., 1])
 
     def decode_decision(self, index: int) -> bool:
-        """One-token decoding: compute the newest token in block `index`? Threshold on P(compute)."""
-        sparsity = self.schedule[index]
-        if index == 0 or sparsity <= 0 or self.kind == "static":  # the newest token is in the static window
+        """One-token decoding: compute the newest token in block `index`? The learned router decides by argmax on
+        features built incrementally (O(log N) per block)."""
+        policy, state = self.policy, self.state
+        sparsity = policy.schedule[index]
+        if not policy.routed(index) or policy.kind == "static":  # the newest token is in the static window
             return True
-        if self.kind == "random":
+        if policy.kind == "random":
             return bool(torch.rand((), generator=self.generator) >= sparsity)
-        logits = self.router_logits(index)[:, -1:]
+        features = newest_token_features(int(state.valid.sum()), state.table[0, -1], state.previous_sorted,
+                                         sparsity, policy.position, policy.use_sparsity)
+        logits, _ = self._p_compute(features)
         self.stats.router_flops += self.router.flops_per_token
-        return bool(torch.softmax(logits.float(), -1)[0, 0, 0] >= self.decode_threshold)
+        return bool(logits[0, 0, 0] >= logits[0, 0, 1])
 
     def simulated_gate(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate [B, N] float carrying the router's gradient, hard decision [B, N] bool) for a simulated block."""
-        valid = self.valid
-        sparsity = self.schedule[index]
-        if self.forced_decisions is not None and index in self.forced_decisions:
-            hard = self.forced_decisions[index].to(valid.device) & valid
+        policy, state, sim = self.policy, self.state, self.simulation
+        valid = state.valid
+        if sim.forced is not None and index in sim.forced:
+            hard = sim.forced[index].to(valid.device) & valid
             return hard.float(), hard
-        if index == 0 or sparsity <= 0 or self.kind != "learned":
+        if not policy.routed(index) or policy.kind != "learned":
             hard = self.prefill_decision(index)
             return hard.float(), hard
-        logits = self.router_logits(index)
-        p_compute = torch.softmax(logits.float(), -1)[..., 0]
-        self.record.p_compute[index] = p_compute
-        self.record.static_compute[index] = static_compute_mask(valid, sparsity)
-        if self.sample_gates:
-            gate = F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True)[..., 0]
-        elif self.selection == "topk":
+        sparsity = policy.schedule[index]
+        features = router_features(valid, state.table, sparsity, policy.position, policy.use_sparsity)
+        logits, p_compute = self._p_compute(features)
+        sim.p_compute[index] = p_compute
+        sim.static_compute[index] = static_compute_mask(valid, sparsity)
+        if sim.sample_gates:
+            gate = F.gumbel_softmax(logits, tau=self.gumbel_tau, hard=True)[..., 0]
+        elif policy.selection == "topk":
             gate = topk_compute_mask(p_compute, valid, sparsity).float()
         else:
-            gate = (p_compute > self.compute_threshold).float()
+            gate = (logits[..., 0] >= logits[..., 1]).float()
         gate = gate * valid
+        sim.gates[index] = gate
         return gate, gate.detach() > 0.5
 
     # -- accounting -----------------------------------------------------------------------------------------
-    def account_table(self, probs: torch.Tensor) -> None:
-        """The attention-score table's refresh is router cost. Counted the way FlopCounterMode counts every FLOP
-        here, matrix products only: attention_received takes one weighted column sum over the [B, H·n, m]
-        probabilities, 2·B·H·n·m FLOPs."""
-        self.stats.router_flops += 2 * probs.numel()
+    def account_table(self, batch: int, queries: int, keys: int) -> None:
+        """The attention-score table's refresh is router cost: the column sums the blocked attention pass adds,
+        2·B·H·n·m (FlopCounterMode counts its QKᵀ and AV with the block, as it counts SDPA's)."""
+        self.stats.router_flops += 2 * batch * self.heads * queries * keys
 
     def account_prefill(self, index: int, compute: torch.Tensor) -> None:
-        self.last_decisions[index] = compute
-        valid = self.valid
+        state = self.state
+        state.decisions[index] = compute
+        valid = state.valid
         length = compute.shape[1]
-        self.stats.prefill_computed[index] += int((compute & valid).sum())
-        self.stats.prefill_tokens[index] += int(valid.sum())
+        st = self.stats
+        st.prefill_computed[index] += int((compute & valid).sum())
+        st.prefill_tokens[index] += int(valid.sum())
+        first = valid & (valid.long().cumsum(-1) == 1)
+        st.first_computed[index] += int((compute & first).sum())
+        st.rows[index] += int(first.sum())
         for n in compute.sum(-1).tolist():
-            self.stats.executed_flops += self.coefficients.layer(int(n))
-        self.stats.dense_flops += compute.shape[0] * self.coefficients.layer(length)
+            st.executed_flops += self.coefficients.layer(int(n))
+        st.dense_flops += compute.shape[0] * self.coefficients.layer(length)
 
 
 class RoutedDecoderLayer(nn.Module):
@@ -250,11 +341,11 @@ class RoutedDecoderLayer(nn.Module):
         ctl = self.controller
         call = dict(position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
                     position_embeddings=position_embeddings, **kwargs)
-        if ctl.mode == "dense":
+        if ctl.is_dense:
             out = self.layer(hidden_states, attention_mask=attention_mask, **call)
-        elif ctl.mode == "simulate":
+        elif ctl.simulation is not None:
             out = self._simulate(hidden_states, attention_mask, call)
-        elif ctl.phase == "decode":
+        elif ctl.state.phase == "decode":
             out = self._decode(hidden_states, attention_mask, call)
         else:
             out = self._prefill(hidden_states, attention_mask, call)
@@ -263,42 +354,42 @@ class RoutedDecoderLayer(nn.Module):
         return out
 
     def _run(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, call: dict,
-             need_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The original decoder layer (MHA + MLP) on these rows; probabilities come back through the hook."""
+             **extra_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The original decoder layer (MHA + MLP) on these rows; what the attention returns beside its output comes
+        back through the hook."""
         ctl = self.controller
-        ctl._probs = None
-        out = self.layer(hidden_states, attention_mask=attention_mask, ftp_need_probs=need_probs, **call)
-        probs, ctl._probs = ctl._probs, None
-        return out, probs
+        ctl._extra = None
+        out = self.layer(hidden_states, attention_mask=attention_mask, **call, **extra_kwargs)
+        extra, ctl._extra = ctl._extra, None
+        return out, extra
 
-    def _needs_probs(self) -> bool:
-        """Refresh the table only where a later block will read it."""
-        return self.controller.table_read_after(self.index)
+    def _received(self, hidden, attention_mask, call, need: bool, valid: torch.Tensor | None = None):
+        """Run the block; with `need`, also the attention each key received ([B, m], padding queries left out)."""
+        if not need:
+            return self._run(hidden, attention_mask, call)
+        return self._run(hidden, attention_mask, call, ftp_received=True, ftp_valid=valid)
 
     # -- inference: prefill --------------------------------------------------------------------------------
     def _prefill(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, call: dict) -> torch.Tensor:
         ctl = self.controller
-        need = self._needs_probs()
-        valid = ctl.valid
+        need = ctl.policy.table_read_after(self.index)
+        valid = ctl.state.valid
+        batch, length = valid.shape
+        compute = valid if self.index == 0 else ctl.prefill_decision(self.index)
         if self.index == 0:
             # Always fully computed (padding too, under the model's own mask), like the dense model.
-            out, probs = self._run(hidden, attention_mask, call, need)
-            compute = torch.ones_like(valid)
+            out, received = self._received(hidden, attention_mask, call, need, valid)
+            ctl.account_prefill(0, torch.ones_like(valid))
             if need:
-                length = hidden.shape[1]
-                visible = causal_visibility(length, length, hidden.device)[None] & valid[:, None, :] & valid[:, :, None]
-                ctl.table = attention_received(probs, visible).detach().float()
-                ctl.account_table(probs)
-            ctl.account_prefill(0, compute)
+                ctl.state.table = received
+                ctl.account_table(batch, length, length)
             return out
-        compute = ctl.prefill_decision(self.index)
         ctl.account_prefill(self.index, compute)
         if bool(compute.all()):
-            out, probs = self._run(hidden, attention_mask, call, need)
+            out, received = self._received(hidden, attention_mask, call, need)
             if need:
-                length = hidden.shape[1]
-                ctl.table = attention_received(probs).float()
-                ctl.account_table(probs)
+                ctl.state.table = received
+                ctl.account_table(batch, length, length)
             return out
         counts = compute.sum(-1)
         if not bool(counts.any()):
@@ -327,48 +418,50 @@ class RoutedDecoderLayer(nn.Module):
         sub_call["position_embeddings"] = (_take(cos, index), _take(sin, index))
         if call.get("position_ids") is not None:
             sub_call["position_ids"] = _rows(call["position_ids"], rows).expand(batch, -1).gather(1, index)
-        out_sub, probs = self._run(_take(hidden, index), None, sub_call, need)
+        out_sub, received = self._received(_take(hidden, index), None, sub_call, need)
         out = hidden.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), out_sub)
         if need:
-            received = attention_received(probs).float()
-            ctl.table[rows] = ctl.table[rows].scatter(1, index, received)
-            ctl.account_table(probs)
+            table = ctl.state.table
+            table[rows] = table[rows].scatter(1, index, received)
+            ctl.account_table(batch, count, count)
         return out
 
     # -- inference: one-token decoding ----------------------------------------------------------------------
     def _decode(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, call: dict) -> torch.Tensor:
         ctl = self.controller
-        need = self._needs_probs()
+        need = ctl.policy.table_read_after(self.index)
         compute = ctl.decode_decision(self.index)
-        ctl.last_decisions[self.index] = torch.tensor([[compute]], device=hidden.device)
+        ctl.state.decisions[self.index] = torch.tensor([[compute]], device=hidden.device)
         if not compute:
             return hidden  # no query, no K/V written: this block's cache keeps only its computed tokens
         ctl.stats.decode_computed[self.index] += 1
         # Block 0 holds every token and may need the model's padding mask; later blocks' caches hold only computed
         # (never padding) tokens, so the single query sees all of them and the mask built for layer 0 is ignored.
         mask = attention_mask if self.index == 0 else None
-        out, probs = self._run(hidden, mask, call, need)
+        out, received = self._received(hidden, mask, call, need)
         if need:
-            keys = probs.shape[-1]
-            ctl.table[:, -1] = probs.float().mean(1)[:, 0, -1] * keys
+            ctl.state.table[:, -1] = received[:, -1]  # only the newest query sees the newest key
+            ctl.account_table(1, 1, received.shape[-1])
         return out
 
     # -- training: gated simulation ---------------------------------------------------------------------------
     def _simulate(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, call: dict) -> torch.Tensor:
-        """h + g·Δ with skipped tokens' keys masked for the other tokens (a token still sees itself)."""
+        """h + g·Δ, with skipped tokens' keys gated out for the other tokens (a token still sees itself): each key's
+        attention probabilities are multiplied by its gate and renormalised, which with hard gates is exactly the
+        softmax over the computed keys, and carries the router's gradient through the keys too."""
         ctl = self.controller
-        need = self._needs_probs()
-        valid = ctl.valid
+        state = ctl.state
+        valid = state.valid
         length = hidden.shape[1]
         gate, hard = ctl.simulated_gate(self.index)
-        ctl.last_decisions[self.index] = hard
-        causal = causal_visibility(length, length, hidden.device)
-        itself = torch.eye(length, dtype=torch.bool, device=hidden.device)
-        keys = causal[None] & valid[:, None, :] & (hard[:, None, :] | itself[None])
-        out, probs = self._run(hidden, keys[:, None], call, need)
-        if need:
-            received = attention_received(probs, keys & hard[:, :, None]).detach().float()
-            ctl.table = received if ctl.table is None else torch.where(hard, received, ctl.table)
+        state.decisions[self.index] = hard
+        keys = causal_visibility(length, length, hidden.device)[None] & valid[:, None, :]
+        out, probs = self._run(hidden, keys[:, None], call, ftp_need_probs=True, ftp_key_gates=gate)
+        if ctl.policy.table_read_after(self.index):
+            itself = torch.eye(length, dtype=torch.bool, device=hidden.device)
+            seen = keys & (hard[:, None, :] | itself[None]) & hard[:, :, None]
+            received = attention_received(probs.detach(), seen).float()
+            state.table = received if state.table is None else torch.where(hard, received, state.table)
         return hidden + gate[..., None].to(hidden.dtype) * (out - hidden)
 
 
@@ -395,7 +488,7 @@ def routed_model(model, controller: RoutingController) -> Iterator[object]:
             routed_config = copy.copy(layer.self_attn.config)
             routed_config._attn_implementation = FTP_ATTENTION
             layer.self_attn.config = routed_config
-            handles.append(layer.self_attn.register_forward_hook(controller.capture_probs))
+            handles.append(layer.self_attn.register_forward_hook(controller.capture_extra))
         handles.append(decoder.register_forward_pre_hook(controller.begin_forward, with_kwargs=True))
         decoder.layers = nn.ModuleList(RoutedDecoderLayer(layer, i, controller)
                                        for i, layer in enumerate(original_layers))

@@ -9,51 +9,64 @@ Budgets (`preset`):
 - "paper": methods.md's defaults — GA population 32 × 30 generations, router trained on 2,000 sequences of 512
   tokens, schedule fine-tuned for 10 generations; fitness on 8 held-out 512-token windows, rescale measured on 16
   others. Hours on a CPU.
-- "cpu": about 20 minutes on 2 cores for SmolLM2-135M — population 16 × 10 generations scored on 4 held-out
-  windows of 256 tokens, 480 training sequences of 256 tokens at lr 5e-3 (fewer steps, larger steps), 3 fine-tune
-  generations, rescale measured on 12 held-out 512-token windows. It gives up search breadth (a schedule that beats
-  uniform but is not converged), a router trained on a quarter of the paper's sequences at half the length (its
-  position and rank inputs are normalised, so it transfers to 512-token inputs), and a noisier fitness.
+- "cpu": about 15 minutes on 2 cores for SmolLM2-135M — population 16 × 10 generations scored on 4 held-out
+  windows of 256 tokens, a warm start on 64 teacher-routed windows, 240 joint-training sequences of 256 tokens,
+  3 fine-tune generations, rescale measured on 12 held-out 512-token windows. It gives up search breadth (a
+  schedule that beats uniform but is not converged), a router trained on an eighth of the paper's sequences at half
+  the length (its position and rank inputs are normalised, so it transfers to 512-token inputs), and a noisier
+  fitness.
 Each budget field can still be set by hand; the preset only fills the ones left at None.
 
 Variants (registry): ftp-static (static router only), ftp-uniform (uniform schedule, no search), ftp-random
 (random skipping at the searched schedule), ftp-nopos / ftp-nosparsity (router without that input; ftp-nosparsity
 uses top-k budgets, since without the sparsity input rescaling the schedule cannot move an argmax router), ftp-topk
-(the learned router with exact top-k budgets instead of argmax: the matched-sparsity reading on any text), ftp-sink
-(ftp-topk's artifact with the first token always computed inside the budget: `keep_first_token`, an inference-time
-rule outside the paper).
+(the learned router with exact top-k budgets instead of argmax).
 
 Evaluation: routing depends on the whole sequence, so the evaluator must send unpadded rows (`sequence_dependent`).
 Padding, if present, is never computed in blocks 1..L-1 and never counts toward a budget. Cached generation works
-for batch size 1: each block's cache holds only its computed tokens and each new token is routed per block with
-P(compute) >= `decode_threshold`; its quality differs from prefill routing (the paper's LLaMA2-7B WikiText-2
-perplexity rose from 5.47 to 11.12), so `stats()` reports decoding separately. `output_hidden_states` is not
-supported while applied (the wrapped layers run on gathered rows).
+for batch size 1: each block's cache holds only its computed tokens and each new token is routed per block by the
+same argmax rule, on features kept incrementally (O(log N) router work per block and step); its quality differs
+from prefill routing (the paper's LLaMA2-7B WikiText-2 perplexity rose from 5.47 to 11.12), so `stats()` reports
+decoding separately (`scripts/ftp_decode_quality.py` measures it). `output_hidden_states` is not supported while
+applied (the wrapped layers run on gathered rows).
+
+Router inputs: position on a log scale, log(1 + j)/log(1 + N) (`position_scale`; methods.md's default j/N left the
+4→64→2 router unable to single out the first token, see `methods.ftp.router.token_positions`), attention received
+(uniform = 1), its rank / N, and s_i.
 
 Matching the target (methods.md §5): the GA runs at the schedule mean S for the target c; then the schedule is
-scaled until c measured on held-out calibration windows is within `rescale_tolerance`. Should no scale bring an
-argmax router there, the P(compute) threshold is moved from 0.5 instead (outside the paper; recorded as
-`compute_threshold` in the artifact and in `stats()`).
+scaled until c measured on held-out calibration windows is within `rescale_tolerance`. The decision rule is always
+the paper's argmax (or top-k for the exact-budget variants): no threshold is moved. A router that does not respond
+to its sparsity input stays where it lands, and the harness reports the cell unmatched.
+
+Router training recipe (`methods.ftp.training`): a guide-only warm start on the static teacher at sampled schedule
+scales (attention-weighted, smoothed BCE on standardised inputs; a DAgger round on the router's own states), joint
+training with the three losses (hard straight-through ŝ_i, variance-normalised L_d, sampled scales, gated keys),
+and model selection by held-out LM loss at the target c. After calibration the artifact records, on the held-out
+rescale windows at the learned router's measured c, the learned router's LM loss, the static router's (same
+schedule shape, scaled to the same measured c) and the fraction of routed (block, row) pairs that computed the
+first token.
 
 Artifact: schedule (searched), searched_schedule (before fine-tuning), inference_schedule (rescaled),
-schedule_scale, compute_threshold, schedule_mean, target/measured compute and token sparsity, rescale_history,
-GA histories (ga_/finetune_ best/mean fitness per generation), per-step losses (loss_total, loss_guide,
-loss_sparsity, loss_distill, guide_weight) and the router weights as tensors "router.net.*"."""
+schedule_scale, schedule_mean, target/measured compute and token sparsity, rescale_history, GA histories (ga_/
+finetune_ best/mean fitness per generation), warm_start_loss, per-step losses (loss_total, loss_guide,
+loss_sparsity, loss_distill, guide_weight, achieved_skip), selection (held-out checks), heldout_* and
+first_token_computed_fraction, and the router weights as tensors "router.net.*"."""
 
 from __future__ import annotations
 
-import math
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from bench.flops import LayerFlopCoefficients
 from methods.base import CalibrationSet, Knob, Method, MethodConfigError, MethodStats
-from methods.ftp.block import ROUTERS, SELECTIONS, RoutingController, routed_model
+from methods.ftp.block import ROUTERS, SELECTIONS, RoutingController, RoutingPolicy, routed_model
+from methods.ftp.measure import routing_summary, solve_scale
 from methods.ftp.router import TokenRouter, keep_count
 from methods.ftp.schedule import (
     GAConfig,
@@ -62,34 +75,23 @@ from methods.ftp.schedule import (
     token_sparsity_for_compute,
     uniform_schedule,
 )
-from methods.ftp.training import TrainConfig, lm_loss, train_router
+from methods.ftp.training import TrainConfig, imitate_teacher, lm_loss, train_router
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"elites": 4, "holdout_windows": 24, "population": 32, "generations": 30, "finetune_generations": 10,
-              "train_sequences": 2000, "train_seq_len": 512, "learning_rate": 1e-3, "fitness_windows": 8,
-              "fitness_seq_len": 512, "rescale_windows": 16},
+              "warm_start_sequences": 256, "warm_start_steps": 3000, "train_sequences": 2000, "train_seq_len": 512, "select_every": 200,
+              "learning_rate": 1e-3, "fitness_windows": 8, "fitness_seq_len": 512, "rescale_windows": 16},
     "cpu": {"elites": 4, "holdout_windows": 16, "population": 16, "generations": 10, "finetune_generations": 3,
-            "train_sequences": 480, "train_seq_len": 256, "learning_rate": 5e-3, "fitness_windows": 4,
-            "fitness_seq_len": 256, "rescale_windows": 12},
+            "warm_start_sequences": 64, "warm_start_steps": 3000, "train_sequences": 240, "train_seq_len": 256, "select_every": 40,
+            "learning_rate": 1e-3, "fitness_windows": 4, "fitness_seq_len": 256, "rescale_windows": 12},
     # seconds on the tiny test model (tests only)
-    "test": {"elites": 2, "learning_rate": 1e-3, "population": 4, "generations": 2, "finetune_generations": 1, "train_sequences": 4,
-             "train_seq_len": 32, "fitness_windows": 1, "fitness_seq_len": 32, "rescale_windows": 1,
-             "holdout_windows": 2},
+    "test": {"elites": 2, "learning_rate": 1e-3, "population": 4, "generations": 2, "finetune_generations": 1,
+             "warm_start_sequences": 2, "warm_start_steps": 50, "train_sequences": 4, "train_seq_len": 32, "select_every": 2,
+             "fitness_windows": 1, "fitness_seq_len": 32, "rescale_windows": 1, "holdout_windows": 2},
 }
 ROUTER_PREFIX = "router."
-
-
-@dataclass
-class RescaleResult:
-    """The schedule scale (and, as a fallback, the P(compute) threshold) that best fits the target."""
-
-    scale: float = 1.0
-    threshold: float = 0.5
-    measured: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def error(self, target: float) -> float:
-        return self.measured["compute_sparsity"] - target if self.measured else math.inf
+SELECTION_TOLERANCE = 0.01  # model selection scores each candidate router within ±0.01 of the target c
+SELECTION_ITERATIONS = 6
 
 
 @dataclass
@@ -103,6 +105,7 @@ class FTP(Method):
     schedule: str = "searched"  # "searched" (GA) or "uniform"
     selection: str = "argmax"  # "argmax" (the paper's rule) or "topk" (exact budgets ⌈(1 - s_i)·N⌉)
     position_input: bool = True
+    position_scale: str = "log"  # "log": log(1 + j)/log(1 + N) (ours); "linear": j/N (methods.md's default)
     sparsity_input: bool = True
     router_hidden: int = 64
     reference_seq_len: int = 512
@@ -118,33 +121,38 @@ class FTP(Method):
     holdout_windows: int | None = None
     fitness_windows: int | None = None
     fitness_seq_len: int | None = None
-    # router training
+    # router training (methods.ftp.training: warm start, joint training, model selection)
+    warm_start_sequences: int | None = None
+    warm_start_steps: int | None = None
+    warm_start_lr: float = 1e-2
+    warm_start_batch: int = 8192
+    warm_start_weighted: bool = True
+    warm_start_smoothing: float = 0.05
+    warm_start_rounds: int = 2
     train_sequences: int | None = None
     train_seq_len: int | None = None
     learning_rate: float | None = None
+    select_every: int | None = None
+    train_scale_low: float = 0.6
+    train_scale_high: float = 1.4
     gumbel_tau: float = 1.0
     guide_weight_start: float = 1.0
     guide_decay_fraction: float = 0.5
     sparsity_loss_weight: float = 1.0
+    hard_sparsity: bool = True
     distill_loss_weight: float = 1.0
     distill_target: str = "final_norm"  # "final_norm" (last_hidden_state) or "block_output" (raw residual stream)
-    # matching the target and inference
+    distill_normalised: bool = True
+    # matching the target
     rescale_windows: int | None = None
     rescale_tolerance: float = 0.005
     rescale_iterations: int = 12
-    decode_threshold: float = 0.5
-    # Inference only, outside the paper: the learned router also computes each row's first token (the attention
-    # sink) in every block, inside the top-k budget. Calibration ignores it, so `ftp-sink` (top-k) runs ftp-topk's
-    # artifact: the committed router, trained by the paper's losses, skips the first token in all 29 routed blocks
-    # (the static router keeps it by rule). With argmax the extra token changes later blocks' attention table and
-    # the router then computes more (c 0.20 instead of 0.25 on the probe): the target is no longer matched.
-    keep_first_token: bool = False
     progress: bool = True
 
     name: ClassVar[str] = "ftp"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "3"
     needs_calibration: ClassVar[bool] = True
-    calibration_ignores: ClassVar[tuple[str, ...]] = ("decode_threshold", "keep_first_token", "progress")
+    calibration_ignores: ClassVar[tuple[str, ...]] = ("progress",)
     sequence_dependent: ClassVar[bool] = True
     # Enough windows for the paper preset's 2,000 training sequences plus the held-out rows; "cpu" uses a subset.
     default_calibration: ClassVar[dict] = {"n_samples": 2048, "seq_len": 512, "source": "c4-all"}
@@ -162,14 +170,18 @@ class FTP(Method):
             raise MethodConfigError(f"ftp: schedule must be 'searched' or 'uniform', got {self.schedule!r}")
         if self.selection not in SELECTIONS:
             raise MethodConfigError(f"ftp: selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.position_scale not in ("linear", "log"):
+            raise MethodConfigError(f"ftp: position_scale must be 'linear' or 'log', got {self.position_scale!r}")
         if not 0.0 < self.max_block_sparsity < 1.0:
             raise MethodConfigError("ftp: max_block_sparsity must be in (0, 1), e.g. 0.9")
         positive = ("router_hidden", "reference_seq_len", "population", "holdout_windows", "fitness_windows",
-                    "fitness_seq_len", "train_sequences", "train_seq_len", "rescale_windows", "rescale_iterations")
+                    "fitness_seq_len", "train_sequences", "train_seq_len", "rescale_windows", "rescale_iterations",
+                    "warm_start_sequences")
         for key in positive:
             if int(getattr(self, key)) < 1:
                 raise MethodConfigError(f"ftp: {key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("generations", "finetune_generations", "elites"):
+        for key in ("generations", "finetune_generations", "elites", "warm_start_steps", "select_every",
+                    "warm_start_batch"):
             if int(getattr(self, key)) < 0:
                 raise MethodConfigError(f"ftp: {key} must be >= 0, got {getattr(self, key)!r}")
         if self.elites >= self.population:
@@ -180,22 +192,20 @@ class FTP(Method):
             raise MethodConfigError(
                 f"ftp: holdout_windows ({self.holdout_windows}) must cover fitness_windows ({self.fitness_windows}) "
                 f"+ rescale_windows ({self.rescale_windows}); raise holdout_windows")
-        for key in ("mutation_delta", "mutation_prob", "learning_rate", "gumbel_tau", "guide_decay_fraction"):
+        for key in ("mutation_delta", "mutation_prob", "learning_rate", "gumbel_tau", "guide_decay_fraction",
+                    "warm_start_lr"):
             if not float(getattr(self, key)) > 0:
                 raise MethodConfigError(f"ftp: {key} must be > 0, got {getattr(self, key)!r}")
         for key in ("guide_weight_start", "sparsity_loss_weight", "distill_loss_weight"):
             if float(getattr(self, key)) < 0:
                 raise MethodConfigError(f"ftp: {key} must be >= 0, got {getattr(self, key)!r}")
+        if not 0.0 < self.train_scale_low <= self.train_scale_high:
+            raise MethodConfigError("ftp: need 0 < train_scale_low <= train_scale_high, e.g. 0.6 and 1.4")
         if self.distill_target not in ("final_norm", "block_output"):
             raise MethodConfigError(f"ftp: distill_target must be 'final_norm' or 'block_output', "
                                     f"got {self.distill_target!r}")
         if not 0.0 < self.rescale_tolerance <= 0.02:
             raise MethodConfigError("ftp: rescale_tolerance must be in (0, 0.02] (the benchmark's matching band)")
-        if self.keep_first_token and self.router != "learned":
-            raise MethodConfigError("ftp: keep_first_token applies to the learned router only (the static router "
-                                    "keeps the first token by rule); drop it or use router='learned'")
-        if not 0.0 < self.decode_threshold < 1.0:
-            raise MethodConfigError("ftp: decode_threshold must be in (0, 1), e.g. 0.5")
 
     # -- calibration ------------------------------------------------------------------------------------------
     def schedule_mean(self, config) -> float:
@@ -207,13 +217,29 @@ class FTP(Method):
                         tournament_size=self.tournament_size, mutation_delta=self.mutation_delta,
                         mutation_prob=self.mutation_prob, max_sparsity=self.max_block_sparsity)
 
-    def controller(self, config, schedule: list[float], router: TokenRouter | None) -> RoutingController:
-        return RoutingController(config, schedule, router, kind=self.router, selection=self.selection,
-                                 use_position=self.position_input, use_sparsity=self.sparsity_input,
-                                 decode_threshold=self.decode_threshold, gumbel_tau=self.gumbel_tau, seed=self.seed)
+    def policy(self, schedule, kind: str | None = None) -> RoutingPolicy:
+        return RoutingPolicy(schedule=tuple(schedule), kind=kind or self.router, selection=self.selection,
+                             position=self.position_scale if self.position_input else "off",
+                             use_sparsity=self.sparsity_input)
+
+    def controller(self, config, schedule, router: TokenRouter | None) -> RoutingController:
+        return RoutingController(config, self.policy(schedule), router, gumbel_tau=self.gumbel_tau, seed=self.seed)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(learning_rate=self.learning_rate, guide_weight_start=self.guide_weight_start,
+                           guide_decay_fraction=self.guide_decay_fraction, sparsity_weight=self.sparsity_loss_weight,
+                           distill_weight=self.distill_loss_weight, distill_target=self.distill_target,
+                           distill_normalised=self.distill_normalised, hard_sparsity=self.hard_sparsity,
+                           scale_low=self.train_scale_low, scale_high=self.train_scale_high,
+                           max_sparsity=self.max_block_sparsity, warm_start_steps=self.warm_start_steps,
+                           warm_start_lr=self.warm_start_lr, warm_start_batch=self.warm_start_batch,
+                           warm_start_weighted=self.warm_start_weighted,
+                           warm_start_smoothing=self.warm_start_smoothing, warm_start_rounds=self.warm_start_rounds,
+                           select_every=self.select_every)
 
     def calibrate(self, model, tokenizer, calibration: CalibrationSet) -> dict[str, Any]:
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed)  # router init
+        rng = random.Random(self.seed)  # training order and sampled schedule scales
         config = model.config
         num_blocks = config.num_hidden_layers
         mean = self.schedule_mean(config)
@@ -224,7 +250,9 @@ class FTP(Method):
         device = next(model.parameters()).device
         fitness_ids = holdout.input_ids[: self.fitness_windows, : self.fitness_seq_len].to(device)
         rescale_ids = holdout.input_ids[self.fitness_windows: self.fitness_windows + self.rescale_windows].to(device)
-        train_ids = train_set.input_ids[: self.train_sequences, : self.train_seq_len]
+        order = list(range(len(train_set.input_ids)))
+        rng.shuffle(order)
+        train_rows = train_set.input_ids[order][:, : self.train_seq_len]
         router = TokenRouter(self.router_hidden).to(device)
         schedule = uniform_schedule(num_blocks, mean)
         ctl = self.controller(config, schedule, router if self.router == "learned" else None)
@@ -233,101 +261,83 @@ class FTP(Method):
                                     "finetune_mean_fitness": []}
 
         def fitness(candidate: list[float]) -> float:
-            ctl.schedule = candidate
+            ctl.with_schedule(candidate)
             return -lm_loss(model, fitness_ids)
 
         with routed_model(model, ctl):
             if mean > 0 and self.schedule == "searched":
-                ctl.kind = "static"  # the search runs with the static router (no attention probabilities needed)
+                ctl.policy = self.policy(schedule, kind="static")  # the search runs with the static router
                 searched = genetic_search(fitness, num_blocks, mean, self.ga_config(self.generations), self.seed,
                                           progress=self.progress, desc="ftp: schedule search (static router)")
                 schedule = searched.best
                 artifact["searched_schedule"] = list(searched.best)
                 artifact["ga_best_fitness"] = searched.best_fitness
                 artifact["ga_mean_fitness"] = searched.mean_fitness
-            ctl.kind, ctl.schedule = self.router, list(schedule)
+            ctl.policy = self.policy(schedule)
             if mean > 0 and self.router == "learned":
-                history = train_router(model, ctl, train_ids, self._train_config(), progress=self.progress)
-                artifact.update(history)
+                artifact.update(self._train(model, ctl, schedule, train_rows, fitness_ids, rng))
                 if self.schedule == "searched" and self.finetune_generations > 0:
                     # Fine-tune with exact budgets so the schedule's mean stays the token sparsity (an argmax router
                     # would let the search buy loss with less skipping); the final rescale matches argmax.
-                    ctl.selection = "topk"
+                    ctl.policy = replace(self.policy(schedule), selection="topk")
                     tuned = genetic_search(fitness, num_blocks, mean, self.ga_config(self.finetune_generations),
                                            self.seed + 1, initial_population=searched.population,
                                            progress=self.progress, desc="ftp: schedule fine-tune (trained router)")
-                    ctl.selection = self.selection
                     schedule = tuned.best
                     artifact["finetune_best_fitness"] = tuned.best_fitness
                     artifact["finetune_mean_fitness"] = tuned.mean_fitness
-            fit = self._rescale(model, ctl, schedule, rescale_ids) if mean > 0 else RescaleResult()
-        artifact.update({"schedule": [float(s) for s in schedule], "schedule_scale": fit.scale,
-                         "compute_threshold": fit.threshold, "rescale_history": fit.history,
-                         "inference_schedule": scaled_schedule(schedule, fit.scale, self.max_block_sparsity),
-                         "measured_compute_sparsity": fit.measured.get("compute_sparsity", 0.0),
-                         "measured_token_sparsity": fit.measured.get("token_sparsity", 0.0)})
+                ctl.policy = self.policy(schedule)
+            if mean > 0:
+                fit = solve_scale(model, ctl, schedule, rescale_ids, self.sparsity, self.rescale_tolerance,
+                                  self.rescale_iterations, self.max_block_sparsity, with_loss=True)
+                artifact.update(self._heldout_report(model, ctl, schedule, rescale_ids, fit.measured))
+                scale, measured, history = fit.scale, fit.measured, fit.history
+            else:
+                scale, measured, history = 1.0, {}, []
+        artifact.update({"schedule": [float(s) for s in schedule], "schedule_scale": scale,
+                         "rescale_history": history,
+                         "inference_schedule": scaled_schedule(schedule, scale, self.max_block_sparsity),
+                         "measured_compute_sparsity": measured.get("compute_sparsity", 0.0),
+                         "measured_token_sparsity": measured.get("token_sparsity", 0.0)})
         if self.router == "learned":
             for key, tensor in router.state_dict().items():
                 artifact[ROUTER_PREFIX + key] = tensor.detach().cpu().clone()
         return artifact
 
-    def _train_config(self) -> TrainConfig:
-        return TrainConfig(learning_rate=self.learning_rate, guide_weight_start=self.guide_weight_start,
-                           guide_decay_fraction=self.guide_decay_fraction, sparsity_weight=self.sparsity_loss_weight,
-                           distill_weight=self.distill_loss_weight,
-                           distill_target=self.distill_target)
+    def _train(self, model, ctl: RoutingController, schedule, train_rows: torch.Tensor, selection_ids: torch.Tensor,
+               rng: random.Random) -> dict[str, Any]:
+        """Warm start on the static teacher, then joint training with model selection (methods.ftp.training)."""
+        config = self.train_config()
+        warm = imitate_teacher(model, ctl, train_rows[: self.warm_start_sequences], rng, config, seed=self.seed,
+                               progress=self.progress)
 
-    def _rescale(self, model, ctl: RoutingController, schedule: list[float],
-                 windows: torch.Tensor) -> RescaleResult:
-        """Scale the schedule until the compute sparsity measured on `windows` is within `rescale_tolerance` of the
-        target (bisection on the scale; measured c grows with it).
+        def select() -> dict[str, float]:
+            fit = solve_scale(model, ctl, schedule, selection_ids, self.sparsity, SELECTION_TOLERANCE,
+                              SELECTION_ITERATIONS, self.max_block_sparsity, with_loss=True)
+            ctl.policy = self.policy(schedule)
+            return {"loss": fit.measured["lm_loss"], "scale": fit.scale,
+                    "compute_sparsity": fit.measured["compute_sparsity"],
+                    "first_token_computed_fraction": fit.measured["first_token_computed_fraction"]}
 
-        Fallback, outside the paper: if no scale brings an argmax router within tolerance (its P(compute) barely
-        depends on the sparsity input, e.g. a router trained on a uniform schedule never saw s_i vary), the
-        threshold on P(compute) is moved from 0.5 by bisection at the searched schedule (raised when it skips too
-        little, lowered when it skips too much) and recorded in the artifact."""
-        result = RescaleResult()
+        joint = train_router(model, ctl, train_rows[: self.train_sequences], config,
+                             select=select, rng=rng, progress=self.progress)
+        return {"warm_start_loss": warm, **joint}
 
-        def error(scale: float, threshold: float) -> float:
-            ctl.schedule = scaled_schedule(schedule, scale, self.max_block_sparsity)
-            ctl.compute_threshold = threshold
-            measured = measure_routing(model, ctl, windows)
-            result.history.append({"scale": scale, "threshold": threshold,
-                                   "compute_sparsity": measured["compute_sparsity"]})
-            if abs(measured["compute_sparsity"] - self.sparsity) < abs(result.error(self.sparsity)):
-                result.scale, result.threshold, result.measured = scale, threshold, measured
-            bar.set_postfix(scale=f"{scale:.3f}", threshold=f"{threshold:.4f}",
-                            measured=f"{measured['compute_sparsity']:.4f}")
-            return measured["compute_sparsity"] - self.sparsity
-
-        saturated = self.max_block_sparsity / min(s for s in schedule if s > 0)  # every block at the cap
-        bar = tqdm(total=self.rescale_iterations, desc="ftp: rescale schedule", disable=not self.progress)
-        low, high, scale = 0.0, None, 1.0
-        for _ in range(self.rescale_iterations):
-            bar.update()
-            gap = error(scale, 0.5)
-            if abs(gap) <= self.rescale_tolerance or (gap < 0 and scale >= saturated):
-                break
-            if gap < 0:
-                low = scale
-                scale = min(2.0 * scale, saturated) if high is None else (low + high) / 2
-            else:
-                high = scale
-                scale = (low + high) / 2
-        if abs(result.error(self.sparsity)) > self.rescale_tolerance and self.router == "learned" \
-                and self.selection == "argmax":
-            low_t, high_t = (0.5, 1.0) if result.error(self.sparsity) < 0 else (0.0, 0.5)
-            for _ in range(self.rescale_iterations):
-                bar.update()
-                threshold = (low_t + high_t) / 2
-                gap = error(1.0, threshold)
-                if abs(gap) <= self.rescale_tolerance:
-                    break
-                low_t, high_t = (threshold, high_t) if gap < 0 else (low_t, threshold)
-        bar.close()
-        ctl.schedule = scaled_schedule(schedule, result.scale, self.max_block_sparsity)
-        ctl.compute_threshold = result.threshold
-        return result
+    def _heldout_report(self, model, ctl: RoutingController, schedule, windows: torch.Tensor,
+                        measured: dict[str, Any]) -> dict[str, Any]:
+        """On the held-out rescale windows at the measured c: LM loss of this router and of the static router with the
+        same schedule shape scaled to the same measured c, and how often the first token is computed."""
+        report = {"heldout_compute_sparsity": measured["compute_sparsity"], "heldout_lm_loss": measured["lm_loss"],
+                  "first_token_computed_fraction": measured["first_token_computed_fraction"]}
+        if self.router == "static":
+            return report
+        learned_policy = ctl.policy
+        ctl.policy = self.policy(schedule, kind="static")
+        static = solve_scale(model, ctl, schedule, windows, measured["compute_sparsity"], 0.002,
+                             self.rescale_iterations, self.max_block_sparsity, with_loss=True)
+        ctl.policy = learned_policy
+        return {**report, "heldout_static_lm_loss": static.measured["lm_loss"],
+                "heldout_static_compute_sparsity": static.measured["compute_sparsity"]}
 
     # -- inference --------------------------------------------------------------------------------------------
     def load_artifact(self, artifact: dict[str, Any]) -> None:
@@ -348,16 +358,10 @@ class FTP(Method):
 
     @contextmanager
     def apply(self, model) -> Iterator[object]:
-        schedule = list(self.artifact["inference_schedule"])
-        if len(schedule) != model.config.num_hidden_layers:
-            raise MethodConfigError(f"ftp: the artifact's schedule has {len(schedule)} blocks, the model "
-                                    f"{model.config.num_hidden_layers}; recalibrate for this model")
         router = self.build_router()
         if router is not None:
             router.to(next(model.parameters()).device)
-        self._controller = self.controller(model.config, schedule, router)
-        self._controller.compute_threshold = float(self.artifact.get("compute_threshold", 0.5))
-        self._controller.keep_first = self.keep_first_token
+        self._controller = self.controller(model.config, self.artifact["inference_schedule"], router)
         self._model_config = model.config
         self._apply_knob()
         with routed_model(model, self._controller) as routed:
@@ -365,15 +369,11 @@ class FTP(Method):
 
     # -- matching knob ----------------------------------------------------------------------------------------
     def knob(self, config) -> Knob | None:
-        """The learned argmax router whose calibration had to move the P(compute) threshold (its P hardly responds
-        to the schedule) is matched by that threshold; every other variant by the schedule scale (top-k, static
-        and random routers have exact budgets; an argmax router that follows s_i moves with the scale)."""
+        """The schedule scale: exact budgets (top-k, static, random) follow it by construction, and the learned
+        argmax router follows it through its sparsity input."""
         schedule = [float(s) for s in self.artifact["schedule"]]
         if not any(s > 0 for s in schedule):
             return None
-        threshold = float(self.artifact.get("compute_threshold", 0.5))
-        if self.router == "learned" and self.selection == "argmax" and threshold != 0.5:
-            return Knob("compute_threshold", threshold, low=0.0, high=1.0, increasing=True)
         saturated = self.max_block_sparsity / min(s for s in schedule if s > 0)
         return Knob("schedule_scale", float(self.artifact.get("schedule_scale", 1.0)), low=0.0, high=saturated,
                     increasing=True)
@@ -385,7 +385,7 @@ class FTP(Method):
 
     def row_flops(self, config, width: int, scored: torch.Tensor | None) -> int | None:
         """Exact budgets (top-k, static, random): block i computes ⌈(1 − s_i)·N⌉ tokens (block 0 and s_i = 0: all);
-        the learned router adds its MLP on every token of a routed block and the attention-table refresh
+        the learned router adds its MLP on every token of a routed block and the attention-table column sums
         (2·H·n_i² for the n_i computed tokens) in every block a later routed block reads. Argmax: None."""
         if self.router == "learned" and self.selection == "argmax":
             return None
@@ -402,15 +402,9 @@ class FTP(Method):
         return flops
 
     def _apply_knob(self) -> None:
-        ctl = self._controller
-        knob = self.knob(self._model_config)
-        if knob is None:
-            return
         value = self.knob_in_force(self._model_config)
-        if knob.name == "compute_threshold":
-            ctl.compute_threshold = value
-        else:
-            ctl.schedule = scaled_schedule(self.artifact["schedule"], value, self.max_block_sparsity)
+        if value is not None:
+            self._controller.with_schedule(scaled_schedule(self.artifact["schedule"], value, self.max_block_sparsity))
 
     def reset_stats(self) -> None:
         if getattr(self, "_controller", None) is not None:
@@ -418,48 +412,17 @@ class FTP(Method):
 
     def measured_stats(self) -> MethodStats:
         ctl = getattr(self, "_controller", None)
-        knob = self.knob(self._model_config) if ctl is not None else None
         if ctl is None:
             return MethodStats(None, None, [], [])
+        knob = self.knob(self._model_config)
         summary = routing_summary(ctl)
-        value = self.knob_in_force(self._model_config)
+        ran = bool(ctl.stats.forwards)
         details = {k: v for k, v in summary.items() if k not in ("compute_sparsity", "per_block_computed_fraction")}
         return MethodStats(
-            compute_sparsity=summary["compute_sparsity"] if ctl.stats.forwards else None,
-            token_layer_sparsity=summary["token_sparsity"] if ctl.stats.forwards else None,
+            compute_sparsity=summary["compute_sparsity"] if ran else None,
+            token_layer_sparsity=summary["token_sparsity"] if ran else None,
             per_layer_computed_fraction=summary["per_block_computed_fraction"], removed_units=[],
-            knob=None if knob is None else knob.name, knob_value=value,
+            knob=None if knob is None else knob.name, knob_value=self.knob_in_force(self._model_config),
             details={**details, "per_block_computed_fraction": summary["per_block_computed_fraction"],
-                     "inference_schedule": list(ctl.schedule), "router": ctl.kind, "selection": ctl.selection,
-                     "compute_threshold": ctl.compute_threshold})
-
-
-def routing_summary(ctl: RoutingController) -> dict[str, Any]:
-    """Per-block computed fractions, token and compute sparsity of the prefill forwards; decoding separately."""
-    st = ctl.stats
-    per_block = [c / t if t else 1.0 for c, t in zip(st.prefill_computed, st.prefill_tokens, strict=True)]
-    tokens = sum(st.prefill_tokens)
-    executed = st.executed_flops + st.router_flops
-    summary: dict[str, Any] = {
-        "per_block_computed_fraction": per_block,
-        "token_sparsity": 1.0 - sum(st.prefill_computed) / tokens if tokens else 0.0,
-        "compute_sparsity": 1.0 - executed / st.dense_flops if st.dense_flops else 0.0,
-        "executed_flops": executed, "dense_flops": st.dense_flops, "router_flops": st.router_flops,
-        "forwards": st.forwards, "decode_steps": st.decode_steps,
-    }
-    if st.decode_steps:
-        decode = [c / st.decode_steps for c in st.decode_computed]
-        summary["decode_per_block_computed_fraction"] = decode
-        summary["decode_token_sparsity"] = 1.0 - sum(decode) / len(decode)
-    return summary
-
-
-def measure_routing(model, ctl: RoutingController, windows: torch.Tensor) -> dict[str, Any]:
-    """Route `windows` (one row at a time, as the evaluator does) and return the routing summary."""
-    ctl.reset_stats()
-    with torch.inference_mode():
-        for row in windows:
-            model.model(input_ids=row[None], use_cache=False)
-    summary = routing_summary(ctl)
-    ctl.reset_stats()
-    return summary
+                     "inference_schedule": list(ctl.policy.schedule), "router": ctl.policy.kind,
+                     "selection": ctl.policy.selection})

@@ -31,11 +31,29 @@ class TokenRouter(nn.Module):
         return 2 * first.in_features * first.out_features + 2 * last.in_features * last.out_features
 
 
-def token_positions(valid: torch.Tensor) -> torch.Tensor:
-    """Position factor j / N, j counted over the valid tokens of each row ([B, N] float)."""
-    length = valid.sum(-1, keepdim=True).clamp(min=1)
-    index = valid.long().cumsum(-1) - 1
-    return index.clamp(min=0).float() / length
+POSITION_SCALES = ("linear", "log", "off")
+
+
+def token_positions(valid: torch.Tensor, scale: str = "log") -> torch.Tensor:
+    """Position factor of each token ([B, N] float), j counted over the valid tokens of each row (N of them):
+    "linear" j / N (methods.md's default), "log" log(1 + j) / log(1 + N), "off" 0 (the no-position ablation).
+
+    The log scale is ours: it keeps the order and [0, 1) range but gives the first tokens room (the first is 0, the
+    second 0.125 at N = 256 instead of 0.004), so the 4→64→2 router can single out the first token (the attention
+    sink, which the static teacher always computes) by position; on the linear scale it could not in our runs,
+    and it then skipped that token in every routed block."""
+    index = (valid.long().cumsum(-1) - 1).clamp(min=0).float()
+    length = valid.sum(-1, keepdim=True).clamp(min=1).float()
+    return position_factor(index, length, scale)
+
+
+def position_factor(index, length, scale: str):
+    """The position factor of token `index` (0-based) among `length` (tensors or floats, broadcast)."""
+    if scale == "linear":
+        return index / length
+    if scale == "log":
+        return torch.log1p(torch.as_tensor(index)) / torch.log1p(torch.as_tensor(length))
+    return torch.zeros_like(torch.as_tensor(index, dtype=torch.float32))
 
 
 def score_ranks(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -47,11 +65,23 @@ def score_ranks(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def router_features(valid: torch.Tensor, score: torch.Tensor, block_sparsity: float,
-                    use_position: bool = True, use_sparsity: bool = True) -> torch.Tensor:
+                    position: str = "log", use_sparsity: bool = True) -> torch.Tensor:
     """The 4-vector per token [B, N, 4]; a disabled factor (ablations) is fed as 0 so the router keeps its shape."""
-    position = token_positions(valid) if use_position else torch.zeros_like(score)
+    position = token_positions(valid, position).to(score.dtype)
     sparsity = torch.full_like(score, float(block_sparsity) if use_sparsity else 0.0)
     return torch.stack([position, score, score_ranks(score, valid), sparsity], dim=-1)
+
+
+def newest_token_features(n_valid: int, score: torch.Tensor, previous_sorted: torch.Tensor, block_sparsity: float,
+                          position: str = "log", use_sparsity: bool = True) -> torch.Tensor:
+    """The 4-vector [1, 1, 4] of the newest token of a one-row sequence during cached decoding, without touching the
+    other N - 1 tokens: its position factor (the last of N), its score, and its rank from a binary search in the earlier tokens'
+    scores (`previous_sorted`, ascending). Equals `router_features(...)[:, -1]` over the whole sequence: ties rank
+    the newest token after the earlier ones, as the stable sort there does."""
+    higher_or_equal = previous_sorted.numel() - int(torch.searchsorted(previous_sorted, score.reshape(1)))
+    sparsity = float(block_sparsity) if use_sparsity else 0.0
+    values = [float(position_factor(float(n_valid - 1), float(n_valid), position)), float(score), higher_or_equal / n_valid, sparsity]
+    return torch.tensor(values, dtype=torch.float32, device=score.device).view(1, 1, 4)
 
 
 def keep_count(block_sparsity: float, n_valid: int) -> int:

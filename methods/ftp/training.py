@@ -1,38 +1,68 @@
-"""FTP's router training (methods.md §3 step 2): L = λ_g·L_g + λ_s·L_s + λ_d·L_d with the LLM frozen, straight-through
-Gumbel gates and the skip simulated by gating (h + g·Δ) with skipped keys masked. Also the LM loss used as GA
-fitness."""
+"""FTP's router training (methods.md §3 step 2) and the measurements calibration makes with a routed model.
+
+The paper's loss is kept, L = λ_g·L_g + λ_s·L_s + λ_d·L_d with the LLM frozen, straight-through Gumbel gates and
+the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper leaves the recipe open; ours
+(`TrainConfig`, every choice a field) is:
+
+1. **Warm start on the teacher, guide loss only.** The static router routes training windows, each at a schedule
+   scaled by a factor drawn from [scale_low, scale_high]; the router's four features and the static decision are
+   logged per (token, routed block), and the router is fitted to them by BCE (L_g alone), each example weighted by
+   1 + the attention its token receives, targets smoothed to 0.05/0.95, by minibatch Adam on standardised inputs
+   (folded back into the first layer, so the router is unchanged in form). A second round adds the static rule's
+   labels in the states the fitted router's own routing produces and refits (DAgger). It starts as an imitation of its teacher that reads the sparsity input
+   (the teacher's budget follows s_i) and computes the first token (the teacher always does; unweighted, that one
+   example per row and block was lost among the others and the router skipped the attention sink).
+2. **Joint training** with the three losses, again at a sampled schedule scale per window, so the sparsity input
+   keeps carrying information. The simulation gates keys instead of masking them (each key's attention
+   probabilities times its gate, renormalised: with hard gates exactly the mask), so L_d's gradient also sees what
+   a skipped key was worth to the tokens attending to it. Two more choices differ from a literal reading: ŝ_i is measured on the hard
+   (straight-through) gates, so P ≈ 0.5 everywhere cannot satisfy L_s, and L_d is the MSE divided by the dense
+   target's variance (SmolLM2's hidden states would otherwise make it dwarf λ_s·L_s).
+3. **Model selection on held-out calibration text**: the router after the warm start and every `select_every`
+   steps is scored by its LM loss at the target compute sparsity (schedule scale solved per candidate), and the
+   best is kept, so the kept router is never worse than the warm start on that text."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from methods.ftp.block import RoutingController
+from methods.ftp.router import TokenRouter
 
 
-def guide_loss(p_compute: dict[int, torch.Tensor], static_compute: dict[int, torch.Tensor]) -> torch.Tensor:
+def guide_loss(p_compute: dict[int, torch.Tensor], static_compute: dict[int, torch.Tensor],
+               valid: torch.Tensor | None = None) -> torch.Tensor:
     """L_g: BCE between P(compute) and the static router's decision, averaged over tokens and routed blocks."""
-    losses = [F.binary_cross_entropy(p_compute[i], static_compute[i].to(p_compute[i].dtype)) for i in p_compute]
+    losses = []
+    for i, p in p_compute.items():
+        target = static_compute[i].to(p.dtype)
+        losses.append(F.binary_cross_entropy(p[valid], target[valid]) if valid is not None
+                      else F.binary_cross_entropy(p, target))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
-def sparsity_loss(p_compute: dict[int, torch.Tensor], schedule: list[float],
-                  valid: torch.Tensor | None = None) -> torch.Tensor:
-    """L_s = Σ_i max(0, s_i - ŝ_i), ŝ_i the soft skip fraction of block i: only under-skipping is penalised."""
+def sparsity_loss(computed: dict[int, torch.Tensor], schedule, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """L_s = Σ_i max(0, s_i - ŝ_i), ŝ_i = 1 - mean of block i's compute gates (soft P or straight-through hard
+    gates): only under-skipping is penalised."""
     terms = []
-    for i, p in p_compute.items():
-        skip = 1.0 - p
+    for i, gate in computed.items():
+        skip = 1.0 - gate
         achieved = skip[valid].mean() if valid is not None else skip.mean()
         terms.append(torch.relu(schedule[i] - achieved))
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def distillation_loss(hidden: torch.Tensor, dense_hidden: torch.Tensor) -> torch.Tensor:
-    """L_d: MSE between the routed and the dense model's final block outputs."""
-    return F.mse_loss(hidden.float(), dense_hidden.float())
+def distillation_loss(hidden: torch.Tensor, dense_hidden: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+    """L_d: MSE between the routed and the dense model's final block outputs (optionally ÷ the dense variance)."""
+    mse = F.mse_loss(hidden.float(), dense_hidden.float())
+    return mse / dense_hidden.float().var().clamp(min=1e-12) if normalised else mse
 
 
 def guide_weight(step: int, total_steps: int, start: float = 1.0, decay_fraction: float = 0.5) -> float:
@@ -49,47 +79,177 @@ class TrainConfig:
     sparsity_weight: float = 1.0
     distill_weight: float = 1.0
     distill_target: str = "final_norm"  # "final_norm": last_hidden_state (LM-head input); "block_output": raw
+    distill_normalised: bool = True  # L_d ÷ Var(dense target)
+    hard_sparsity: bool = True  # ŝ_i from the straight-through hard gates (False: soft probabilities)
+    scale_low: float = 0.6  # schedule scale drawn per training window from [scale_low, scale_high]
+    scale_high: float = 1.4
+    max_sparsity: float = 0.9
+    warm_start_steps: int = 3000  # minibatch Adam steps of the guide-only warm start
+    warm_start_lr: float = 1e-2
+    warm_start_batch: int = 8192
+    warm_start_weighted: bool = True  # BCE weights 1 + attention received
+    warm_start_smoothing: float = 0.05  # teacher targets 0.05 / 0.95: logits stay where Gumbel gradients live
+    warm_start_rounds: int = 2  # 1 + rounds of labels collected while the learned router routes (DAgger)
+    select_every: int = 40  # joint-training steps between held-out model-selection checks
+
+
+def sampled_schedule(schedule, rng: random.Random, config: TrainConfig) -> tuple[float, ...]:
+    """The schedule scaled by a factor drawn uniformly from [scale_low, scale_high], clipped to [0, max]."""
+    scale = rng.uniform(config.scale_low, config.scale_high)
+    return tuple(min(config.max_sparsity, max(0.0, s * scale)) for s in schedule)
+
+
+def teacher_features(model, controller: RoutingController, windows: torch.Tensor, rng: random.Random,
+                     config: TrainConfig, progress: bool = True,
+                     kind: str = "static") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [M, 4], static decisions [M]) over every (valid token, routed block) of `windows`, each window at
+    a sampled schedule scale, routed by the static router (`kind="static"`) or by the learned router itself
+    (`kind="learned"`: its own states, the static rule's labels)."""
+    base = controller.policy
+    controller.feature_log = []
+    device = next(model.parameters()).device
+    try:
+        for row in tqdm(windows, desc=f"ftp: teacher labels ({kind} routing)", disable=not progress):
+            controller.policy = replace(base, kind=kind, log_features=True,
+                                        schedule=sampled_schedule(base.schedule, rng, config))
+            with torch.inference_mode():
+                model.model(input_ids=row[None].to(device), use_cache=False)
+        features = torch.cat([f for f, _ in controller.feature_log])
+        decisions = torch.cat([d for _, d in controller.feature_log]).float()
+    finally:
+        controller.policy, controller.feature_log = base, []
+        controller.reset_stats()
+    return features, decisions
+
+
+def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Tensor, config: TrainConfig,
+               seed: int = 0, progress: bool = True) -> list[float]:
+    """Fit the router to the teacher's decisions by BCE alone: Adam on random minibatches, cosine-decayed learning
+    rate. Each example is weighted by 1 + the attention its token receives (its score input), so a mistake on a
+    token other tokens attend to (above all the first one, the attention sink: one example per row and block)
+    costs what skipping its key would. Returns the minibatch loss per step."""
+    device = next(router.parameters()).device
+    features, decisions = features.to(device), decisions.to(device)
+    weights = 1.0 + features[:, 1].clamp(min=0) if config.warm_start_weighted else torch.ones_like(decisions)
+    # Fit on standardised inputs (the attention score runs to ~70 where the other inputs stay in [0, 1]) and fold
+    # the standardisation into the first linear layer afterwards: the same router, a better-conditioned fit.
+    mean = features.mean(0)
+    std = features.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    first = router.net[0]
+    with torch.no_grad():  # express the current router in standardised coordinates
+        first.bias += first.weight @ mean
+        first.weight *= std
+    features = (features - mean) / std
+    weights = weights / weights.mean()
+    targets = decisions * (1 - 2 * config.warm_start_smoothing) + config.warm_start_smoothing
+    optimizer = torch.optim.Adam(router.parameters(), lr=config.warm_start_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.warm_start_steps))
+    generator = torch.Generator().manual_seed(seed)
+    batch = min(config.warm_start_batch, len(features))
+    history = []
+    router.train()
+    with torch.enable_grad():
+        for _ in tqdm(range(config.warm_start_steps), desc="ftp: warm start (guide loss)", disable=not progress):
+            index = torch.randint(0, len(features), (batch,), generator=generator).to(device)
+            p_compute = torch.softmax(router(features[index]).float(), -1)[:, 0]
+            loss = F.binary_cross_entropy(p_compute, targets[index], weight=weights[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            history.append(float(loss.detach()))
+    with torch.no_grad():  # back to raw inputs: w·(x - μ)/σ + b = (w/σ)·x + b - (w/σ)·μ
+        first.weight /= std
+        first.bias -= first.weight @ mean
+    router.eval()
+    return history
+
+
+def imitate_teacher(model, controller: RoutingController, windows: torch.Tensor, rng: random.Random,
+                    config: TrainConfig, seed: int = 0, progress: bool = True) -> list[float]:
+    """The warm start: fit the router to the static router's decisions in the states the static router produces,
+    then, for `warm_start_rounds - 1` more rounds, add the static rule's labels in the states the fitted router's
+    own routing produces and refit on everything (DAgger). One round alone leaves a feedback loop: a token the
+    router skips in one block keeps a stale attention score in the next, a state the teacher never shows it (the
+    first token, skipped at block 1 while its score is still block 0's, was then skipped everywhere). Returns the
+    minibatch losses of all rounds."""
+    features, decisions = teacher_features(model, controller, windows, rng, config, progress)
+    history = warm_start(controller.router, features, decisions, config, seed, progress)
+    for round_ in range(1, config.warm_start_rounds):
+        own_features, own_decisions = teacher_features(model, controller, windows, rng, config, progress,
+                                                       kind="learned")
+        features, decisions = torch.cat([features, own_features]), torch.cat([decisions, own_decisions])
+        history += warm_start(controller.router, features, decisions, config, seed + round_, progress)
+    return history
 
 
 def train_router(model, controller: RoutingController, windows: torch.Tensor, config: TrainConfig,
-                 progress: bool = True) -> dict[str, list[float]]:
-    """One epoch over `windows` [n, T] at batch size 1; returns the per-step loss history."""
+                 select: Callable[[], dict[str, float]] | None = None, rng: random.Random | None = None,
+                 progress: bool = True) -> dict[str, list]:
+    """Joint training, one epoch over `windows` [n, T] at batch size 1; returns the per-step loss history and, with
+    `select` (held-out score of the current router, lower is better, under "loss"), the selection history. The
+    router ends holding the best-scored weights (the starting ones included)."""
     router = controller.router
-    router.train()
+    rng = rng or random.Random(0)
     optimizer = torch.optim.Adam(router.parameters(), lr=config.learning_rate)
-    history: dict[str, list[float]] = {"loss_total": [], "loss_guide": [], "loss_sparsity": [], "loss_distill": [],
-                                       "guide_weight": []}
+    history: dict[str, list] = {"loss_total": [], "loss_guide": [], "loss_sparsity": [], "loss_distill": [],
+                                "guide_weight": [], "achieved_skip": [], "selection": []}
+    best: tuple[float, dict] | None = None
+
+    def check(step: int) -> None:
+        nonlocal best
+        if select is None:
+            return
+        router.eval()
+        score = select()
+        router.train()
+        history["selection"].append({"step": step, **score})
+        if best is None or score["loss"] < best[0]:
+            best = (score["loss"], copy.deepcopy(router.state_dict()))
+
     device = next(model.parameters()).device
+    base = controller.policy
+    check(0)
     bar = tqdm(range(len(windows)), desc="ftp: router training", disable=not progress)
+    router.train()
     try:
         for step in bar:
             input_ids = windows[step:step + 1].to(device)
-            controller.mode = "dense"
-            with torch.no_grad():
+            controller.policy = replace(base, schedule=sampled_schedule(base.schedule, rng, config))
+            with torch.no_grad(), controller.dense():
                 dense_hidden = _final_hidden(model, controller, input_ids, config.distill_target).detach()
-            controller.mode, controller.sample_gates = "simulate", True
-            with torch.enable_grad():
+            with torch.enable_grad(), controller.simulating(sample_gates=True) as sim:
                 hidden = _final_hidden(model, controller, input_ids, config.distill_target)
-                record = controller.record
-                l_guide = guide_loss(record.p_compute, record.static_compute)
-                l_sparsity = sparsity_loss(record.p_compute, controller.schedule, controller.valid)
-                l_distill = distillation_loss(hidden, dense_hidden)
+                valid = controller.state.valid
+                l_guide = guide_loss(sim.p_compute, sim.static_compute, valid)
+                gates = sim.gates if config.hard_sparsity else sim.p_compute
+                l_sparsity = sparsity_loss(gates, controller.policy.schedule, valid)
+                l_distill = distillation_loss(hidden, dense_hidden, config.distill_normalised)
                 weight = guide_weight(step, len(windows), config.guide_weight_start, config.guide_decay_fraction)
                 loss = weight * l_guide + config.sparsity_weight * l_sparsity + config.distill_weight * l_distill
                 optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:
                     loss.backward()
                     optimizer.step()
+                skip = [float(1 - g.detach()[valid].float().mean()) for g in sim.gates.values()]
             for key, value in (("loss_total", loss), ("loss_guide", l_guide), ("loss_sparsity", l_sparsity),
-                               ("loss_distill", l_distill), ("guide_weight", weight)):
+                               ("loss_distill", l_distill), ("guide_weight", weight),
+                               ("achieved_skip", sum(skip) / max(1, len(skip)))):
                 history[key].append(float(value.detach() if isinstance(value, torch.Tensor) else value))
-            recent = {k: sum(v[-20:]) / len(v[-20:]) for k, v in history.items() if k != "guide_weight"}
+            recent = {k: sum(v[-20:]) / len(v[-20:]) for k, v in history.items()
+                      if k not in ("guide_weight", "selection")}
             bar.set_postfix(L_g=f"{recent['loss_guide']:.3f}", L_s=f"{recent['loss_sparsity']:.3f}",
-                            L_d=f"{recent['loss_distill']:.3f}")
+                            L_d=f"{recent['loss_distill']:.3f}", skip=f"{recent['achieved_skip']:.3f}")
+            if config.select_every and (step + 1) % config.select_every == 0 and step + 1 < len(windows):
+                check(step + 1)
+        check(len(windows))
     finally:
-        controller.mode, controller.sample_gates = "route", False
+        controller.policy = base
         controller.final_hidden = None
         router.eval()
+    if best is not None:
+        router.load_state_dict(best[1])
     return history
 
 
