@@ -104,13 +104,9 @@ def attention_with_received(query: torch.Tensor, key: torch.Tensor, value: torch
     batch, heads, n, head_dim = query.shape
     kv_heads, m = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    if visible is None:
-        keys_per_query = torch.arange(m - n + 1, m + 1, device=query.device, dtype=torch.float32)[None]
-        queries_per_key = torch.arange(m, 0, -1, device=query.device, dtype=torch.float32).clamp(max=n)[None]
-    else:
-        keys_per_query = visible.sum(-1, dtype=torch.float32)  # 0 for a padding query, whose row is left out
-        queries_per_key = visible.sum(-2, dtype=torch.float32)
+    keys_per_query, queries_per_key = _visibility_counts(n, m, visible, query.device, torch.float32)
     weights = (keys_per_query / heads).expand(batch, n)
+    causal = causal_visibility(n, m, query.device)[None] if visible is None else None
     output = query.new_empty(batch, heads, n, head_dim)
     received = torch.zeros(batch, m, device=query.device, dtype=torch.float32)
     lowest = torch.finfo(torch.float32).min
@@ -119,8 +115,7 @@ def attention_with_received(query: torch.Tensor, key: torch.Tensor, value: torch
         rows, seen = end - start, m - n + end  # keys beyond `seen` are in the future of every query of the chunk
         logits = torch.matmul(_grouped(query[:, :, start:end] * scale, kv_heads),
                               key[:, :, :seen].transpose(2, 3)).view(batch, heads, rows, seen).float()
-        hidden = ~(causal_visibility(n, m, query.device)[None, start:end, :seen] if visible is None
-                   else visible[:, start:end, :seen])
+        hidden = ~(causal if visible is None else visible)[:, start:end, :seen]
         logits.masked_fill_(hidden[:, None], lowest)
         probs = torch.softmax(logits, dim=-1)
         probs.masked_fill_(hidden[:, None], 0.0)
@@ -144,6 +139,18 @@ def _attention_with_received_flops(query_shape, key_shape, value_shape, *args, o
     return 4 * batch * heads * n * m * head_dim + 2 * batch * heads * n * m
 
 
+def _visibility_counts(n: int, m: int, visible: torch.Tensor | None, device: torch.device,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys each query sees [B or 1, n], queries that see each key [B or 1, m]); `visible` None: plain causal with
+    the n queries the last n keys. A padding query sees no key, so its row counts for nothing."""
+    if visible is None:
+        keys_per_query = torch.arange(m - n + 1, m + 1, device=device, dtype=dtype)[None]
+        queries_per_key = torch.arange(m, 0, -1, device=device, dtype=dtype).clamp(max=n)[None]
+        return keys_per_query, queries_per_key
+    visible = visible.to(dtype)
+    return visible.sum(-1), visible.sum(-2)
+
+
 def attention_received(probs: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
     """Absolute attention score of every key, [B, m], from probabilities (the training simulation's path).
 
@@ -153,13 +160,7 @@ def attention_received(probs: torch.Tensor, visible: torch.Tensor | None = None)
     being the last n keys). `probs` [B, H, n, m] is zero at the pairs a valid query cannot see (the attention mask
     saw to that), so one weighted column sum over the H·n query rows is all it takes."""
     batch, heads, n, m = probs.shape
-    if visible is None:
-        keys_per_query = torch.arange(m - n + 1, m + 1, device=probs.device, dtype=probs.dtype)[None]  # [1, n]
-        queries_per_key = torch.arange(m, 0, -1, device=probs.device, dtype=probs.dtype).clamp(max=n)[None]
-    else:
-        visible = visible.to(probs.dtype)
-        keys_per_query = visible.sum(-1)  # [B, n]; 0 for a padding query, whose row is left out
-        queries_per_key = visible.sum(-2)  # [B, m]
+    keys_per_query, queries_per_key = _visibility_counts(n, m, visible, probs.device, probs.dtype)
     weights = (keys_per_query / heads).expand(batch, n).repeat(1, heads)[:, None]  # [B, 1, H·n]
     received = torch.matmul(weights, probs.reshape(batch, heads * n, m))[:, 0]
     return received / queries_per_key.clamp(min=1)
