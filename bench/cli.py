@@ -162,7 +162,7 @@ def cmd_run(args) -> int:
     print(f"\n[bench] {len(runner.cells_written)} cells computed, {len(runner.cells_skipped)} already complete "
           f"(resume), results in {config.results}/")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in runner.clock.seconds.items())
-    print(f"[bench] wall time {time.perf_counter() - start:.0f}s: {stages}; threads={runner._common()['threads']}")
+    print(f"[bench] wall time {time.perf_counter() - start:.0f}s: {stages}; threads={runner.threads_used}")
     return 0
 
 
@@ -211,17 +211,17 @@ def cmd_calibrate(args) -> int:
     import torch
 
     from bench.artifacts import ensure_calibrated
-    from bench.models import load_model
+    from bench.models import cpu_threads, load_model
     from methods import make_method
 
     method = make_method(args.method, sparsity=args.sparsity, seed=args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     from bench.artifacts import COMMITTED_DIR
 
-    info = ensure_calibrated(method, model, tokenizer, args.model, seed=args.seed, force=args.force or args.save_committed,
-                             save_to=COMMITTED_DIR if args.save_committed else None)
+    with cpu_threads(model, args.threads):
+        info = ensure_calibrated(method, model, tokenizer, args.model, seed=args.seed,
+                                 force=args.force or args.save_committed,
+                                 save_to=COMMITTED_DIR if args.save_committed else None)
     with method.apply(model):
         stats = method.stats()
     artifact = {k: ({"tensor": list(v.shape), "dtype": str(v.dtype)} if isinstance(v, torch.Tensor) else v)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from bench.artifacts import ensure_calibrated
 from bench.errors import BenchError
 from bench.matching import PROTOCOL, MatchResult, Workload, is_matched, solve_knob
-from bench.models import DEFAULT_MODEL, load_model, validate_model_name
+from bench.models import DEFAULT_MODEL, cpu_threads, load_model, validate_model_name
 from bench.paths import REPO_ROOT
 from bench.store import Store, cell_hash
 from methods import Method, MethodConfigError, make_method
@@ -110,6 +110,7 @@ class Runner:
         self.store = Store(config.results)
         self.clock = StageClock()
         self.cells_written: list[str] = []
+        self.threads_used: int | None = None  # torch CPU threads the last run() used
         self.cells_skipped: list[str] = []
         self.run_cells: list[str] = []
         self.model, self.tokenizer = model, tokenizer
@@ -153,11 +154,15 @@ class Runner:
     # -- the study --------------------------------------------------------------------------------------------
     def run(self) -> list[str]:
         c = self.config
-        if c.threads:
-            torch.set_num_threads(c.threads)
         torch.manual_seed(c.seed)
         if self.model is None:
             self.model, self.tokenizer = self.clock.timed("load model", lambda: load_model(c.model, c.device, c.dtype))
+        with cpu_threads(self.model, c.threads) as threads:
+            self.threads_used = threads
+            return self._run()
+
+    def _run(self) -> list[str]:
+        c = self.config
         self.device = next(self.model.parameters()).device
         self.commit = git_commit()
         self.dense_layers = self.model.config.num_hidden_layers

@@ -28,6 +28,17 @@ def tiny():
     return tiny_llama(num_layers=6, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=128, seed=0)
 
 
+@pytest.fixture(params=["llama", "qwen2", "qwen3", "mistral", "gemma3"])
+def arch_model(request):
+    """The `tiny` shape on each architecture people prune (bench.models.tiny_model): Llama (GQA), Qwen2 (q/k/v
+    biases), Qwen3 (q/k norms), Mistral (sliding window 8 on every layer), Gemma 3 (sliding and full layers, pre- and
+    post-norms, scaled embeddings, tied head)."""
+    from bench.models import TINY_ARCHITECTURES, tiny_model
+
+    assert request.param in TINY_ARCHITECTURES
+    return tiny_model(request.param)
+
+
 @pytest.fixture
 def tiny_calibration():
     from methods.base import CalibrationSet

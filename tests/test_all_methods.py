@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.flops import count_flops
+from bench.flops import LayerFlopCoefficients, analytic_decoder_flops, count_flops
 from methods import available_methods, make_method
 from methods.base import scoring
 
@@ -38,31 +38,106 @@ def _assert_stats_schema(name: str, stats: dict, num_layers: int) -> None:
     assert (stats["knob"] is None) == (stats["knob_value"] is None), name
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKEN_METHODS = ("ftp", "sdtp")  # decisions depend on the tokens: their cached decoding has its own references
+
+
+def _is_token_method(name: str) -> bool:
+    return any(name == p or name.startswith(p + "-") for p in TOKEN_METHODS)
+
+
 @pytest.mark.parametrize("name", available_methods())
-def test_every_method_prunes_and_restores(name, tiny, tiny_calibration):
+def test_every_method_prunes_and_restores(name, arch_model, tiny_calibration):
+    """On each of the five tiny architectures: calibrates, really saves compute (executed FLOPs fall and equal the
+    method's own analytic account), keeps scored positions, decodes with a KV cache as without one (methods whose
+    pruning does not depend on the tokens; FTP and SDTP have exact references in their own tests, on every
+    architecture too), and restores the dense model bit-exactly."""
+    model = arch_model
     sparsity = 0.0 if name == "dense" else 0.34
     method = make_method(name, sparsity=sparsity, **_fast_fields(name))
     if method.needs_calibration:
-        method.load_artifact(method.calibrate(tiny, None, tiny_calibration))
-    ids = torch.randint(0, 128, (1, 24))
+        method.load_artifact(method.calibrate(model, None, tiny_calibration))
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    scored = torch.zeros_like(ids, dtype=torch.bool)
+    scored[0, 18:] = True
     with torch.no_grad():
-        dense_logits = tiny(ids).logits
-    dense_flops = count_flops(tiny, ids).decoder
-    method.fit_lengths(tiny.config, [tuple(ids.shape)])  # as the harness does (BlockPruner; a no-op otherwise)
-    with method.apply(tiny) as pruned:
+        dense_logits = model(ids).logits
+    dense_flops = count_flops(model, ids).decoder
+    assert dense_flops == analytic_decoder_flops(model.config, ids.shape[1])
+    method.fit_lengths(model.config, [tuple(ids.shape)])  # as the harness does (BlockPruner; a no-op otherwise)
+    with method.apply(model) as pruned:
         with torch.no_grad(), scoring(torch.zeros_like(ids, dtype=torch.bool)):
             logits = pruned(ids).logits
         with scoring(torch.zeros_like(ids, dtype=torch.bool)):
             flops = count_flops(pruned, ids).decoder
         stats = method.stats()
+        with torch.no_grad(), scoring(scored) as ctx:
+            pruned(ids)
+        if ctx.logit_positions is not None:  # a method that drops positions says which survive
+            assert bool(ctx.logit_positions[scored].all()), f"{name} dropped a scored position"
+        if not _is_token_method(name):
+            prompt = ids[:, :12]
+            with torch.no_grad():
+                cached = pruned.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+                uncached = pruned.generate(prompt, max_new_tokens=8, do_sample=False,
+                                           use_cache=False)
+            assert torch.equal(cached, uncached), f"{name}: cached decoding differs from uncached"
     assert logits.shape == dense_logits.shape and torch.isfinite(logits).all()
-    _assert_stats_schema(name, stats, tiny.config.num_hidden_layers)
+    _assert_stats_schema(name, stats, model.config.num_hidden_layers)
     if stats["compute_sparsity"] is not None and name != "dense":
-        # the method's own accounting agrees with FlopCounterMode (static methods: by construction)
+        # the method's own (analytic) accounting agrees with FlopCounterMode
         assert stats["compute_sparsity"] == pytest.approx(1 - flops / dense_flops, abs=1e-9), name
     if name == "dense":
         assert flops == dense_flops and torch.equal(logits, dense_logits)
     else:
         assert flops < dense_flops, f"{name} saved no compute"
+    if stats["removed_units"]:  # static removal: FLOPs are the analytic formula of what is left
+        assert flops == _analytic_after_removal(model.config, ids.shape[1], stats["removed_units"]), name
     with torch.no_grad():
-        assert torch.equal(tiny(ids).logits, dense_logits), f"{name} did not restore the dense model"
+        assert torch.equal(model(ids).logits, dense_logits), f"{name} did not restore the dense model"
+
+
+def _analytic_after_removal(config, seq_len: int, removed_units: list[str]) -> int:
+    """Decoder FLOPs of the layers and sub-blocks left ("layer 3", "mha 2", "mlp 5" removed)."""
+    coeff = LayerFlopCoefficients.from_config(config)
+    removed = {tuple(unit.split()) for unit in removed_units}
+    total = 0
+    for layer in range(config.num_hidden_layers):
+        if ("layer", str(layer)) in removed:
+            continue
+        total += 0 if ("mha", str(layer)) in removed else coeff.attention(seq_len)
+        total += 0 if ("mlp", str(layer)) in removed else coeff.mlp(seq_len)
+    return total
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", available_methods())
+def test_every_method_calibrates_and_runs_in_bfloat16(name, arch, tiny_calibration):
+    """The CUDA path runs bf16; CI has no GPU, so every method calibrates, prunes and decodes in bf16 on CPU here.
+    FLOP counts do not depend on the dtype: dense and static removal count exactly the float32 analytic formula,
+    token methods exactly their own analytic account of the decisions they made."""
+    from bench.models import tiny_model
+
+    model = tiny_model(arch).to(torch.bfloat16)
+    method = make_method(name, sparsity=0.0 if name == "dense" else 0.34, **_fast_fields(name))
+    if method.needs_calibration:
+        method.load_artifact(method.calibrate(model, None, tiny_calibration))
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    dense_flops = count_flops(model, ids).decoder
+    assert dense_flops == analytic_decoder_flops(model.config, ids.shape[1])
+    method.fit_lengths(model.config, [tuple(ids.shape)])
+    with method.apply(model) as pruned:
+        with torch.no_grad(), scoring(torch.zeros_like(ids, dtype=torch.bool)):
+            logits = pruned(ids).logits
+        with scoring(torch.zeros_like(ids, dtype=torch.bool)):
+            flops = count_flops(pruned, ids).decoder
+        stats = method.stats()
+        with torch.no_grad():
+            generated = pruned.generate(ids[:, :12], max_new_tokens=4, do_sample=False)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert generated.shape == (1, 16)
+    if stats["compute_sparsity"] is not None:
+        assert stats["compute_sparsity"] == pytest.approx(1 - flops / dense_flops, abs=1e-9), name
+    if stats["removed_units"]:
+        assert flops == _analytic_after_removal(model.config, ids.shape[1], stats["removed_units"]), name

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 
 from bench.flops import LayerFlopCoefficients, count_flops
-from bench.models import tiny_llama
+from bench.models import TINY_ARCHITECTURES, tiny_llama, tiny_model
 from methods import make_method
 from methods.base import CalibrationSet, MethodConfigError, scoring
 from methods.sdtp import SDTP, keep_ratio_for_sparsity, planned_compute_sparsity, prompt_length
@@ -31,6 +31,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(num_layers=8)
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHITECTURES)
+def arch_model8(request):
+    """The `model` shape on each tiny architecture (bench.models.tiny_model)."""
+    return tiny_model(request.param, num_layers=8)
 
 
 def make_sdtp(model, keep_ratio: float = 0.7, **fields) -> SDTP:
@@ -190,7 +196,8 @@ def test_keep_ratio_one_is_the_dense_model(model):
         torch.testing.assert_close(model(ids, use_cache=False).logits, dense)  # restored on exit
 
 
-def test_generate_with_cache_equals_uncached_pruned_forward(model):
+def test_generate_with_cache_equals_uncached_pruned_forward(arch_model8):
+    model = arch_model8
     method = make_sdtp(model)
     ids = prompt(seq_len=40, seed=3)
     steps = 8
@@ -216,7 +223,8 @@ def test_generate_with_cache_equals_uncached_pruned_forward(model):
         assert method.stats()["decode_forwards"] == steps - 1 + 1
 
 
-def test_inference_equals_masked_training_simulation(model):
+def test_inference_equals_masked_training_simulation(arch_model8):
+    model = arch_model8
     """The gathered forward and the masked simulation (no noise) make the same decisions and logits."""
     method = make_sdtp(model, keep_ratio=0.6)
     ids = prompt(seq_len=48, seed=5)
@@ -235,7 +243,8 @@ def test_inference_equals_masked_training_simulation(model):
     torch.testing.assert_close(logits[real], simulated[real], rtol=1e-4, atol=1e-4)
 
 
-def test_saliency_is_gradient_times_input_of_the_model_forward(model):
+def test_saliency_is_gradient_times_input_of_the_model_forward(arch_model8):
+    model = arch_model8
     ids = prompt(seq_len=24, seed=6)
     saliency = token_saliency(model, ids, STAGES)
     captured = {}

@@ -26,7 +26,7 @@ from torch import nn
 
 from bench.flops import LayerFlopCoefficients
 from methods.base import MethodConfigError
-from methods.ftp.attention import FTP_ATTENTION, attention_received, causal_visibility
+from methods.ftp.attention import FTP_ATTENTION, attention_received
 from methods.ftp.router import (
     POSITION_SCALES,
     TokenRouter,
@@ -36,6 +36,7 @@ from methods.ftp.router import (
     static_compute_mask,
     topk_compute_mask,
 )
+from methods.token_subsets import KeyPositions, additive_mask, sliding_window, visible_keys
 
 ROUTERS = ("learned", "static", "random")
 SELECTIONS = ("argmax", "topk")
@@ -107,6 +108,7 @@ class ForwardState:
     decisions: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward's, per block
     previous_sorted: torch.Tensor | None = None
     newest_pending: bool = False  # a decode step's token whose score joins previous_sorted at the next step
+    key_positions: KeyPositions = field(default_factory=KeyPositions)  # what each routed block's cache holds
 
 
 @dataclass
@@ -386,6 +388,8 @@ class RoutedDecoderLayer(nn.Module):
             return out
         ctl.account_prefill(self.index, compute)
         if bool(compute.all()):
+            if call.get("past_key_values") is not None:  # every token's key enters this block's cache
+                ctl.state.key_positions.keys(call["past_key_values"], self.index, _positions(call, hidden))
             out, received = self._received(hidden, attention_mask, call, need)
             if need:
                 ctl.state.table = received
@@ -416,15 +420,26 @@ class RoutedDecoderLayer(nn.Module):
         cos, sin = (_rows(t, rows) for t in call["position_embeddings"])
         sub_call = dict(call)
         sub_call["position_embeddings"] = (_take(cos, index), _take(sin, index))
-        if call.get("position_ids") is not None:
-            sub_call["position_ids"] = _rows(call["position_ids"], rows).expand(batch, -1).gather(1, index)
-        out_sub, received = self._received(_take(hidden, index), None, sub_call, need)
+        positions = _rows(_positions(call, hidden), rows).expand(batch, -1).gather(1, index)
+        sub_call["position_ids"] = positions
+        out_sub, received = self._received(_take(hidden, index), self._subset_mask(positions, call, hidden.dtype),
+                                           sub_call, need)
         out = hidden.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), out_sub)
         if need:
             table = ctl.state.table
             table[rows] = table[rows].scatter(1, index, received)
             ctl.account_table(batch, count, count)
         return out
+
+    def _subset_mask(self, positions: torch.Tensor, call: dict, dtype: torch.dtype) -> torch.Tensor | None:
+        """The attention mask of this block's computed tokens at their original `positions` [B, n], against what
+        its cache already holds plus themselves (methods.token_subsets): None where that is plain causal."""
+        window = sliding_window(self.layer)
+        cache = call.get("past_key_values")
+        keys = positions if cache is None else self.controller.state.key_positions.keys(cache, self.index, positions)
+        if window is None and keys.shape[1] == positions.shape[1]:
+            return None
+        return additive_mask(visible_keys(positions, keys, window), dtype)
 
     # -- inference: one-token decoding ----------------------------------------------------------------------
     def _decode(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, call: dict) -> torch.Tensor:
@@ -436,8 +451,11 @@ class RoutedDecoderLayer(nn.Module):
             return hidden  # no query, no K/V written: this block's cache keeps only its computed tokens
         ctl.stats.decode_computed[self.index] += 1
         # Block 0 holds every token and may need the model's padding mask; later blocks' caches hold only computed
-        # (never padding) tokens, so the single query sees all of them and the mask built for layer 0 is ignored.
-        mask = attention_mask if self.index == 0 else None
+        # (never padding) tokens, so the single query sees all of them (sliding layers: those within the window).
+        if self.index == 0:
+            mask = attention_mask
+        else:
+            mask = self._subset_mask(_positions(call, hidden), call, hidden.dtype)
         out, received = self._received(hidden, mask, call, need)
         if need:
             ctl.state.table[:, -1] = received[:, -1]  # only the newest query sees the newest key
@@ -455,7 +473,8 @@ class RoutedDecoderLayer(nn.Module):
         length = hidden.shape[1]
         gate, hard = ctl.simulated_gate(self.index)
         state.decisions[self.index] = hard
-        keys = causal_visibility(length, length, hidden.device)[None] & valid[:, None, :]
+        positions = torch.arange(length, device=hidden.device)[None]
+        keys = visible_keys(positions, positions, sliding_window(self.layer), valid)
         out, probs = self._run(hidden, keys[:, None], call, ftp_need_probs=True, ftp_key_gates=gate)
         if ctl.policy.table_read_after(self.index):
             itself = torch.eye(length, dtype=torch.bool, device=hidden.device)
@@ -463,6 +482,14 @@ class RoutedDecoderLayer(nn.Module):
             received = attention_received(probs.detach(), seen).float()
             state.table = received if state.table is None else torch.where(hard, received, state.table)
         return hidden + gate[..., None].to(hidden.dtype) * (out - hidden)
+
+
+def _positions(call: dict, hidden: torch.Tensor) -> torch.Tensor:
+    """[1 or B, n] original positions of this call's rows (the model passes them; 0..n−1 otherwise)."""
+    positions = call.get("position_ids")
+    if positions is None:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    return positions
 
 
 def _rows(tensor: torch.Tensor, rows: slice) -> torch.Tensor:

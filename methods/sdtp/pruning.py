@@ -18,6 +18,7 @@ from torch import nn
 
 from bench.flops import LayerFlopCoefficients
 from methods.base import MethodConfigError, current_scoring
+from methods.token_subsets import KeyPositions, additive_mask, sliding_window, visible_keys
 
 # Attention kernels for which `attention_mask=None` means plain causal attention during prefill.
 _IS_CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -154,6 +155,7 @@ class PruningRuntime:
         self.protect_first = protect_first
         self.protect_last_fraction = protect_last_fraction
         self.stats = PruningStats(num_layers)
+        self.key_positions = KeyPositions()  # original positions of what each wrapped layer's cache holds
         self._reset_forward()
 
     def _reset_forward(self) -> None:
@@ -162,24 +164,23 @@ class PruningRuntime:
         self.slot_valid: torch.Tensor | None = None  # [batch, n] False at padding slots; None = no padding
         self.caching = False
         self.protected: torch.Tensor | None = None  # [batch, n] for the current rows
-        self.position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered cos/sin
-        self.full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.gathered_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per full table: gathered cos/sin
         self.prompt_len = 0
         self.seq_len = 0
-        self.causal_mask: torch.Tensor | None = None
+        self.masks: dict[int | None, torch.Tensor | None] = {}  # per sliding window (None: full attention)
         self.rows_per_layer: list[int] = []  # this forward's n_ℓ
         self.rows_per_stage: list[int] = []  # tokens each predictor scored
 
     # -- forward start (the first wrapped layer) -----------------------------------------------------------
-    def begin(self, hidden_states: torch.Tensor, attention_mask, past_key_values, layer_idx: int,
-              position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def begin(self, hidden_states: torch.Tensor, attention_mask, past_key_values, layer: nn.Module) -> None:
         self._reset_forward()
         batch, seq_len = hidden_states.shape[:2]
-        if past_key_values is not None and past_key_values.get_seq_length(layer_idx) > 0:
+        if past_key_values is not None and past_key_values.get_seq_length(layer.self_attn.layer_idx) > 0:
             self.decoding = True
             self.stats.decode_forwards += 1
             return
-        _require_plain_causal(attention_mask, seq_len)
+        self.key_positions.reset()
+        _require_unpadded(attention_mask, seq_len, sliding_window(layer))
         n_prompt = _PROMPT_LENGTH.get()
         self.prompt_len = seq_len if n_prompt is None else min(n_prompt, seq_len)
         self.seq_len = seq_len
@@ -194,8 +195,6 @@ class PruningRuntime:
                                             hidden_states.device)
         self.protected = protected
         self.kept = torch.arange(seq_len, device=hidden_states.device).expand(batch, seq_len)
-        self.full_position_embeddings = position_embeddings
-        self.position_embeddings = position_embeddings
         self.stats.prefill_forwards += 1
         self.stats.input_tokens += batch * seq_len
         self.rows_per_layer = [seq_len] * self.stage_layers[0]
@@ -218,27 +217,31 @@ class PruningRuntime:
         self.kept = self.kept.gather(1, local).masked_fill(~valid, self.seq_len)
         self.protected = self.protected.gather(1, local) & valid
         self.slot_valid = valid if padded else None
-        cos, sin = self.full_position_embeddings
-        positions = self.kept.clamp(max=self.seq_len - 1)
-        self.position_embeddings = (_gather_rows(cos, positions), _gather_rows(sin, positions))
-        self.causal_mask = None
+        self.gathered_rope, self.masks = {}, {}
         return _gather_rows(hidden_states, local)
 
-    def layer_mask(self, layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """Kept order is preserved, so plain causal attention over the kept rows is right; padding slots (rows
-        that keep fewer tokens than others in the batch) are no key for anyone."""
-        if self.kept is None or (self.slot_valid is None
-                                 and layer.self_attn.config._attn_implementation in _IS_CAUSAL_WITHOUT_MASK):
+    def position_embeddings(self, full: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's own (cos, sin) table (Gemma 3: one per layer type) at the kept rows' original positions."""
+        key = id(full[0])
+        if key not in self.gathered_rope:
+            positions = self.kept.clamp(max=self.seq_len - 1)
+            self.gathered_rope[key] = (_gather_rows(full[0], positions), _gather_rows(full[1], positions))
+        return self.gathered_rope[key]
+
+    def layer_mask(self, layer: nn.Module, hidden_states: torch.Tensor, past_key_values) -> torch.Tensor | None:
+        """Kept order is preserved, so causal attention over the kept rows is right, with a sliding window
+        counted in original positions (methods.token_subsets); padding slots (rows that keep fewer tokens than
+        others in the batch) are no key for anyone."""
+        window = sliding_window(layer)
+        if past_key_values is not None:  # this layer's cache receives the kept rows
+            self.key_positions.keys(past_key_values, layer.self_attn.layer_idx, self.kept)
+        if window is None and self.slot_valid is None \
+                and layer.self_attn.config._attn_implementation in _IS_CAUSAL_WITHOUT_MASK:
             return None
-        if self.causal_mask is None:
-            n = hidden_states.shape[1]
-            allowed = torch.ones(n, n, dtype=torch.bool, device=hidden_states.device).tril()
-            if self.slot_valid is None:
-                self.causal_mask = _additive_mask(allowed, hidden_states.dtype)
-            else:  # [batch, 1, n, n]
-                allowed = allowed[None] & self.slot_valid[:, None, :]
-                self.causal_mask = _additive_mask(allowed, hidden_states.dtype)[0].transpose(0, 1)
-        return self.causal_mask
+        if window not in self.masks:
+            visible = visible_keys(self.kept, self.kept, window, self.slot_valid)
+            self.masks[window] = additive_mask(visible, hidden_states.dtype)
+        return self.masks[window]
 
     # -- forward end (the last layer): scatter back to the original length -----------------------------------
     def finish(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -273,20 +276,16 @@ def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
 
 
-def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool [q, k] → float [1, 1, q, k]: 0 where allowed, the dtype's minimum elsewhere."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
-
-
-def _require_plain_causal(attention_mask, seq_len: int) -> None:
-    """Pruning decisions are per row with equal budgets: padded batches are not supported."""
+def _require_unpadded(attention_mask, seq_len: int, window: int | None) -> None:
+    """Pruning decisions are per row with equal budgets: padded batches are not supported. The model's mask must
+    be plain causal (within the layer's sliding window, if it has one)."""
     if not isinstance(attention_mask, torch.Tensor):
         return
     mask = attention_mask[..., -seq_len:, -seq_len:]
     allowed = mask if mask.dtype == torch.bool else mask == 0
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
-    if mask.shape[-2:] != (seq_len, seq_len) or not bool((allowed == causal).all()):
+    positions = torch.arange(seq_len, device=mask.device)[None]
+    expected = visible_keys(positions, positions, window)[0]
+    if mask.shape[-2:] != (seq_len, seq_len) or not bool((allowed == expected).all()):
         raise MethodConfigError("sdtp prunes unpadded rows only: batch rows of equal length without padding "
                                 "(or batch size 1); the attention mask given here is not plain causal")
 
@@ -307,32 +306,35 @@ class SDTPLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool | None = False, position_embeddings=None, **kwargs) -> torch.Tensor:
         runtime = self.runtime
-        layer_idx = self.layer.self_attn.layer_idx
         if self.layer_index == runtime.stage_layers[0]:
-            runtime.begin(hidden_states, attention_mask, past_key_values, layer_idx, position_embeddings)
+            runtime.begin(hidden_states, attention_mask, past_key_values, self.layer)
         if runtime.decoding:
-            mask = _decoding_mask(hidden_states, past_key_values, layer_idx)
+            mask = _decoding_mask(self.layer, hidden_states, position_ids, past_key_values, runtime.key_positions)
             return self.layer(hidden_states, attention_mask=mask, position_ids=position_ids,
                               past_key_values=past_key_values, use_cache=use_cache,
                               position_embeddings=position_embeddings, **kwargs)
         if self.predictor is not None:
             hidden_states = runtime.prune(self.stage, self.predictor, hidden_states)
-        out = self.layer(hidden_states, attention_mask=runtime.layer_mask(self.layer, hidden_states),
+        out = self.layer(hidden_states, attention_mask=runtime.layer_mask(self.layer, hidden_states, past_key_values),
                          position_ids=runtime.kept, past_key_values=past_key_values, use_cache=use_cache,
-                         position_embeddings=runtime.position_embeddings, **kwargs)
+                         position_embeddings=runtime.position_embeddings(position_embeddings), **kwargs)
         runtime.count(out)
         if self.layer_index == runtime.num_layers - 1:
             out = runtime.finish(out)
         return out
 
 
-def _decoding_mask(hidden_states: torch.Tensor, past_key_values, layer_idx: int) -> torch.Tensor | None:
-    """New tokens see every cached token of this layer (caches differ in length per layer) and each other
-    causally. One token needs no mask."""
+def _decoding_mask(layer: nn.Module, hidden_states: torch.Tensor, position_ids, past_key_values,
+                   key_positions: KeyPositions) -> torch.Tensor | None:
+    """New tokens see every cached token of this layer (caches differ in length per layer: each holds the tokens
+    that reached it during prefill), within the sliding window by original position, and each other causally. One
+    token on a full-attention layer needs no mask."""
     q_len = hidden_states.shape[1]
-    if q_len == 1:
+    if position_ids is None:
+        past = past_key_values.get_seq_length(layer.self_attn.layer_idx)
+        position_ids = torch.arange(past, past + q_len, device=hidden_states.device)[None]
+    keys = key_positions.keys(past_key_values, layer.self_attn.layer_idx, position_ids)
+    window = sliding_window(layer)
+    if q_len == 1 and window is None:
         return None
-    past = past_key_values.get_seq_length(layer_idx)
-    query = torch.arange(q_len, device=hidden_states.device)[:, None] + past
-    key = torch.arange(past + q_len, device=hidden_states.device)[None, :]
-    return _additive_mask(key <= query, hidden_states.dtype)
+    return additive_mask(visible_keys(position_ids, keys, window), hidden_states.dtype)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
 from methods.sdtp.pruning import SaliencyPredictor, keep_logit, protected_positions, select_kept, stage_budget
+from methods.token_subsets import additive_mask, layer_type, rotary_tables, sliding_window, visible_keys
 
 MASKED_ATTENTION = "sdtp_masked"
 
@@ -67,23 +68,46 @@ def ranking_loss(scores: torch.Tensor, saliency: torch.Tensor, valid: torch.Tens
     return F.softplus(-diff * sign)[pairs].mean()
 
 
-def _layer_inputs(model, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None):
-    """Embeddings, positions and RoPE tables of a full-sequence forward."""
-    hidden = model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    return hidden, positions, model.model.rotary_emb(hidden, position_ids=positions)
+class HandRun:
+    """The decoder run layer by hand over a full sequence (no padding), as the model's own forward would: embeddings
+    (Gemma's scaled ones included), each layer's RoPE table and sliding window (methods.token_subsets). Masks are
+    the multiplicative keep matrices `masked_attention` takes (None: plain causal); under another attention kernel
+    a hard keep matrix becomes the additive mask that kernel takes."""
+
+    def __init__(self, model, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> None:
+        self.model = model
+        self.hidden = model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        self.positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        self.tables = rotary_tables(model, self.hidden, self.positions)
+        self._windows: dict[int, torch.Tensor] = {}
+
+    def layer(self, index: int, hidden: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer `index` on `hidden`, with key-keep matrix `keep` [B, 1, N, N] (None: every key)."""
+        layer = self.model.model.layers[index]
+        window = sliding_window(layer)
+        if window is not None:
+            if window not in self._windows:
+                self._windows[window] = visible_keys(self.positions, self.positions, window)[:, None]
+            inside = self._windows[window].to(hidden.dtype)
+            keep = inside if keep is None else keep * inside
+        if keep is not None and self.model.config._attn_implementation != MASKED_ATTENTION:
+            # another kernel takes additive masks: only hard keep matrices have one
+            keep = additive_mask(keep[:, 0] > 0, hidden.dtype)
+        return layer(hidden, attention_mask=keep, position_ids=self.positions,
+                     position_embeddings=self.tables[layer_type(self.model, index)])
 
 
 def token_saliency(model, input_ids: torch.Tensor, stage_layers: list[int]) -> torch.Tensor:
     """The marking pass: [stages, batch, N] normalised |(∂T/∂h_ℓ)·h_ℓ| on the full frozen model."""
     with torch.enable_grad():
         embeds = model.model.embed_tokens(input_ids).detach().requires_grad_(True)
-        hidden, positions, rope = _layer_inputs(model, input_ids, embeds)
+        run = HandRun(model, input_ids, embeds)
+        hidden = run.hidden
         captured = []
-        for index, layer in enumerate(model.model.layers):
+        for index in range(len(model.model.layers)):
             if index in stage_layers:
                 captured.append(hidden)
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope)
+            hidden = run.layer(index, hidden)
         logits = model.lm_head(model.model.norm(hidden[:, :-1]))
         log_likelihood = F.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).sum()
         grads = torch.autograd.grad(log_likelihood, captured)
@@ -118,9 +142,10 @@ def simulated_forward(model, predictors: dict[int, SaliencyPredictor], input_ids
     layers = model.model.layers
     first = plan.stage_layers[0]
     with torch.no_grad():
-        hidden, positions, rope = _layer_inputs(model, input_ids)
-        for layer in layers[:first]:
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope)
+        run = HandRun(model, input_ids)
+        hidden = run.hidden
+        for index in range(first):
+            hidden = run.layer(index, hidden)
     protected = protected_positions(batch, seq_len, seq_len, plan.protect_first, plan.protect_last_fraction,
                                     scored, input_ids.device)
     present = torch.ones(batch, seq_len, dtype=torch.bool, device=input_ids.device)
@@ -147,7 +172,7 @@ def simulated_forward(model, predictors: dict[int, SaliencyPredictor], input_ids
             keep = keep * decision
             present = hard.bool()
             mask = torch.where(diagonal, torch.ones_like(causal), causal * keep[:, None, :])[:, None]
-        hidden = layers[index](hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        hidden = run.layer(index, hidden, mask)
     return SimulatedForward(hidden=hidden, survivors=present, stage_scores=stage_scores,
                             stage_eligible=stage_eligible)
 
