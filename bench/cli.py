@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS
 from bench.errors import BenchError
 
 
@@ -61,8 +62,6 @@ def _limit(text: str) -> int | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from bench.models import DEFAULT_MODEL
-
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, local directory or HF id (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
@@ -71,9 +70,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.models import DEFAULT_MODEL as DEFAULT_MODEL_NAME
-    from bench.runner import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_PPL_WINDOWS
-
     parser = _Parser(prog="python -m bench", description="Compare LLM pruning methods at "
                                      "matched compute sparsity: accuracy retention, perplexity, FLOPs, latency.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results store directory (default results/)")
     p.add_argument("--force", action="store_true", help="recompute cells that are already complete")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a study file (configs/*.toml); options given here override it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cell plan, the artifacts to calibrate and an estimated cost; load no model")
+    parser.run_parser = p
 
     p = sub.add_parser("report", help="figures + Markdown report, regenerated from the results store only")
     p.add_argument("--results", default="results")
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline and print the diff")
 
     p = sub.add_parser("perf", help="scoring speed: vs a plain forward loop and vs stock HFLM, side by side")
-    p.add_argument("--model", default=DEFAULT_MODEL_NAME)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tasks", type=_names, default=None, help="comma-separated (default piqa,arc_easy,"
                    "hellaswag,winogrande,boolq)")
     p.add_argument("--limit", type=_positive, default=40, help="items per task (default 40)")
@@ -138,11 +139,19 @@ def cmd_run(args) -> int:
     from bench.store import Store
     from bench.summary import format_summary, format_unmatched, summarize, unmatched_cells
 
+    study = getattr(args, "study", None) or {}
+    extra = {k: study[k] for k in ("latency_seq_len", "decode_tokens", "method_fields", "calibration") if k in study}
     config = RunConfig(model=args.model, methods=args.methods, sparsities=args.sparsity, tasks=args.tasks,
                        limit=args.limit, device=args.device, dtype=args.dtype, seed=args.seed,
                        results=args.results, force=args.force, batch_size=args.batch_size,
                        ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len,
-                       latency_repeats=args.latency_repeats, threads=args.threads, progress=not args.no_progress)
+                       latency_repeats=args.latency_repeats, threads=args.threads, progress=not args.no_progress,
+                       **extra)
+    if args.dry_run:
+        from bench.study import dry_run
+
+        dry_run(config)
+        return 0
     runner = Runner(config)
     limit = "all" if config.limit is None else config.limit
     print(f"[bench] model={config.model} methods={','.join(m.registry_name for m in runner.plan[:1])}+"
@@ -296,11 +305,31 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "table": cmd_table, "calibrate
             "perf": cmd_perf}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from methods.base import MethodConfigError
+# study-file keys whose command-line option has another name
+_CLI_NAMES = {"sparsities": "sparsity"}
 
-    args = build_parser().parse_args(argv)
+
+def _with_study(parser: argparse.ArgumentParser, argv: list[str] | None, path: str) -> argparse.Namespace:
+    """Parse again with the study file's values as the `run` defaults, so options on the command line win."""
+    from bench.study import load_study
+
+    study = load_study(path)
+    parser.run_parser.set_defaults(**{_CLI_NAMES.get(k, k): v for k, v in study.items()
+                                      if k not in ("method_fields", "calibration", "latency_seq_len",
+                                                   "decode_tokens")})
+    args = parser.parse_args(argv)
+    args.study = study
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from methods.errors import MethodConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.command == "run" and args.config:
+            args = _with_study(parser, argv, args.config)
         validate(args)
         return COMMANDS[args.command](args)
     except (BenchError, MethodConfigError) as exc:

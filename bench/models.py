@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from bench.cachedir import cached_dir
+from bench.defaults import DEFAULT_MODEL
 from bench.errors import BenchError
 from bench.paths import cache_dir
 
@@ -37,7 +38,6 @@ MODELS: dict[str, ModelSpec] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -18,17 +18,16 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.artifacts import ensure_calibrated
+from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS
 from bench.errors import BenchError
 from bench.matching import PROTOCOL, MatchResult, Workload, is_matched, solve_knob
-from bench.models import DEFAULT_MODEL, cpu_threads, load_model, validate_model_name
+from bench.models import cpu_threads, load_model, validate_model_name
 from bench.paths import REPO_ROOT
 from bench.store import Store, cell_hash
+from bench.study import overrides_for
 from methods import Method, MethodConfigError, make_method
 
 BENCH_VERSION = "0.1.0"
-DEFAULT_METHODS = ["dense", "random", "shortgpt", "blockpruner", "sdtp", "ftp"]
-DEFAULT_LIMIT = 50
-DEFAULT_PPL_WINDOWS = 10
 
 
 @dataclass
@@ -54,6 +53,9 @@ class RunConfig:
     measure_efficiency: bool = True
     measure_ppl: bool = True
     progress: bool = True
+    # from a study file (bench.study): per method (family or variant) field values and calibration text settings
+    method_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def git_commit() -> str:
@@ -75,8 +77,14 @@ def plan_methods(config: RunConfig) -> list[Method]:
     names = [n for n in config.methods if n != "dense"]
     plan = [make_method("dense", seed=config.seed)]
     for name in names:
+        fields = overrides_for(name, config.method_fields)
+        calibration = overrides_for(name, config.calibration)
         for s in config.sparsities:
-            plan.append(make_method(name, sparsity=s, seed=config.seed))
+            method = make_method(name, **{"sparsity": s, "seed": config.seed, **fields})
+            if calibration:  # the calibration text this method is given (part of its artifact key and cells)
+                method.default_calibration = {**type(method).default_calibration, **calibration}
+                method.calibration_override = calibration
+            plan.append(method)
     return plan
 
 
@@ -128,9 +136,13 @@ class Runner:
         }
 
     def _identity(self, method: Method, unit: str, settings: dict[str, Any]) -> dict[str, Any]:
-        return {"model": self.config.model, "method": method.registry_name, "method_version": method.version,
-                "params": method.config(), "unit": unit, "settings": settings, "device": str(self.device),
-                "dtype": str(self.model.dtype), "bench": BENCH_VERSION}
+        identity = {"model": self.config.model, "method": method.registry_name, "method_version": method.version,
+                    "params": method.config(), "unit": unit, "settings": settings, "device": str(self.device),
+                    "dtype": str(self.model.dtype), "bench": BENCH_VERSION}
+        override = getattr(method, "calibration_override", None)
+        if override:
+            identity["calibration"] = override
+        return identity
 
     def unit_settings(self) -> dict[str, dict[str, Any]]:
         c = self.config

@@ -5,8 +5,21 @@ from __future__ import annotations
 
 import importlib
 from difflib import get_close_matches
+from typing import TYPE_CHECKING
 
-from methods.base import CalibrationSet, Method, MethodConfigError
+from methods.errors import MethodConfigError
+
+if TYPE_CHECKING:
+    from methods.base import CalibrationSet, Method
+
+
+def __getattr__(name: str):
+    """`Method` and `CalibrationSet` load torch: imported on first use, so the registry (and the CLI) starts without."""
+    if name in ("CalibrationSet", "Method"):
+        from methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'methods' has no attribute {name!r}")
 
 # name -> (import target, default field overrides). Variants are the same class with other defaults.
 _REGISTRY: dict[str, tuple[str, dict]] = {

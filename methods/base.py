@@ -25,9 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-
-class MethodConfigError(ValueError):
-    """A user-caused configuration error (bad hyperparameter, missing artifact)."""
+from methods.errors import MethodConfigError  # noqa: F401  (re-exported: methods.base.MethodConfigError)
 
 
 @dataclass(frozen=True)

@@ -84,3 +84,14 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     os.makedirs(os.path.join(models, "models"), exist_ok=True)
     (cache / "models").exists() or (cache / "models").symlink_to(os.path.join(models, "models"), target_is_directory=True)
     monkeypatch.setenv("BENCH_CACHE", str(cache))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "architecture: runs on each tiny architecture (`pytest -k architecture`)")
+
+
+def pytest_itemcollected(item):
+    """Tests parametrised over the tiny architectures carry the `architecture` keyword."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if {"arch_model", "arch_model8", "arch"} & set(params):
+        item.add_marker("architecture")

@@ -118,3 +118,17 @@ def test_cli_prints_no_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown method 'sdpt'")
     assert "Traceback" not in proc.stderr
+
+
+def test_help_and_table_start_without_torch(tmp_path):
+    """`python -m bench --help` (every subcommand's too) and `table` import nothing heavy: no torch, transformers or
+    lm-eval, so they answer in a fraction of a second."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['bench'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('bench', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "heavy = [m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules]\n"
+             "print('HEAVY', heavy, file=sys.stderr)\n")
+    for argv in (["--help"], ["run", "--help"], ["table", "--results", str(tmp_path / "empty")]):
+        proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+        assert "HEAVY []" in proc.stderr, (argv, proc.stderr[-500:])

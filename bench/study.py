@@ -1,0 +1,275 @@
+"""Studies as TOML files: `python -m bench run --config configs/NAME.toml`.
+
+A file names what `run` takes on the command line (model, dtype, device, methods, sparsities, tasks, limits, …) plus
+two tables per method, applied to the method and to its registered variants (`[fields.ftp]` reaches `ftp-static`
+too; `[fields.ftp-static]` only that variant):
+
+    [fields.ftp]            # the method's dataclass fields, e.g. preset = "paper"
+    [calibration.blockpruner]  # the calibration text it is given: n_samples, seq_len, source
+
+Options given on the command line override the file. Unknown keys, wrong types and bad values are errors that say
+what to write instead; nothing here imports torch, so a config is checked (and `--dry-run` planned) in a second.
+"""
+
+from __future__ import annotations
+
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+# key -> (type check, example): what `run` takes, by its RunConfig name
+_NONE = "none"
+RUN_KEYS: dict[str, tuple[str, str]] = {
+    "description": ("str", '"LLaMA-2-7B, the paper\'s four sparsities"'),
+    "model": ("str", '"smollm2-135m"'),
+    "device": ("choice:auto,cpu,cuda", '"cuda"'),
+    "dtype": ("choice:auto,float32,bfloat16", '"bfloat16"'),
+    "seed": ("int>=0", "0"),
+    "methods": ("names", '["shortgpt", "ftp"]'),
+    "sparsities": ("sparsities", "[0.22, 0.25, 0.30, 0.40]"),
+    "tasks": ("names", '["piqa", "arc_easy"]'),
+    "limit": ("count|none", '50 or "none"'),
+    "ppl_windows": ("count|none", '10 or "none"'),
+    "ppl_seq_len": ("count", "2048"),
+    "batch_size": ("count", "16"),
+    "latency_repeats": ("count", "5"),
+    "latency_seq_len": ("count", "512"),
+    "decode_tokens": ("count", "16"),
+    "threads": ("count", "2"),
+    "results": ("str", '"results"'),
+}
+TABLES = ("fields", "calibration")
+CALIBRATION_KEYS = {"n_samples": "count", "seq_len": "count", "source": "str"}
+
+
+def _error(path: Path, where: str, message: str) -> BenchError:
+    return BenchError(f"{path}: {where}: {message}")
+
+
+def _unknown(path: Path, where: str, key: str, known: list[str]) -> BenchError:
+    close = get_close_matches(key, known, n=2)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return _error(path, where, f"unknown key {key!r}; {hint}known keys: {', '.join(known)}")
+
+
+def _check(path: Path, key: str, value: Any, kind: str, example: str) -> Any:
+    bad = _error(path, key, f"{value!r} is not valid; write e.g. {key} = {example}")
+    if kind == "str":
+        if not isinstance(value, str) or not value:
+            raise bad
+    elif kind.startswith("choice:"):
+        if value not in kind.split(":", 1)[1].split(","):
+            raise bad
+    elif kind == "int>=0":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad
+    elif kind in ("count", "count|none"):
+        if kind == "count|none" and value == _NONE:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad
+    elif kind == "names":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise bad
+    elif kind == "sparsities":
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in value):
+            raise _error(path, key, f"{value!r} is not valid; sparsities are in [0, 1), e.g. {key} = {example}")
+        return [float(v) for v in value]
+    return value
+
+
+def load_study(path: str | Path) -> dict[str, Any]:
+    """The validated file as {RunConfig field: value, "method_fields": {...}, "calibration": {...}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"--config {path}: no such file; the shipped studies are in configs/ "
+                         f"({', '.join(sorted(p.name for p in (Path(__file__).parent.parent / 'configs').glob('*.toml')))})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BenchError(f"--config {path}: not valid TOML ({exc}); see configs/default_cpu.toml for the format") from exc
+    out: dict[str, Any] = {"method_fields": {}, "calibration": {}}
+    for key, value in data.items():
+        if key in TABLES:
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise _error(path, key, f"write one table per method, e.g. [{key}.ftp]")
+            continue
+        if key not in RUN_KEYS:
+            raise _unknown(path, "top level", key, [*RUN_KEYS, *TABLES])
+        kind, example = RUN_KEYS[key]
+        out[key] = _check(path, key, value, kind, example)
+    for method, fields in data.get("fields", {}).items():
+        out["method_fields"][method] = dict(fields)
+    for method, settings in data.get("calibration", {}).items():
+        for key, value in settings.items():
+            if key not in CALIBRATION_KEYS:
+                raise _unknown(path, f"[calibration.{method}]", key, list(CALIBRATION_KEYS))
+            _check(path, f"calibration.{method}.{key}", value, CALIBRATION_KEYS[key],
+                   '"c4-all"' if key == "source" else "512")
+        out["calibration"][method] = dict(settings)
+    _check_methods(path, out)
+    out.pop("description", None)
+    return out
+
+
+def _check_methods(path: Path, study: dict[str, Any]) -> None:
+    """Method and task names, and that every table names a method of the study (a typo would be ignored)."""
+    from methods import available_methods
+
+    known = available_methods()
+    names = study.get("methods", [])
+    for name in names:
+        if name not in known:
+            raise _unknown(path, "methods", name, known)
+    for table in ("method_fields", "calibration"):
+        for name in study[table]:
+            if name not in known:
+                raise _unknown(path, f"[{'fields' if table == 'method_fields' else table}.{name}]", name, known)
+    if "tasks" in study:
+        from bench.tasks import TASKS
+
+        for task in study["tasks"]:
+            if task not in TASKS:
+                raise _unknown(path, "tasks", task, list(TASKS))
+
+
+def overrides_for(name: str, tables: dict[str, dict]) -> dict[str, Any]:
+    """A method's entries: its family's table (`ftp` for `ftp-static`), then its own."""
+    family = name.split("-", 1)[0]
+    return {**tables.get(family, {}), **(tables.get(name, {}) if name != family else {})}
+
+
+# -- --dry-run: the cell plan, the artifacts to calibrate, an estimated cost; no model is loaded -------------------
+# Shapes of the models the shipped studies name, so a plan needs no network (values of their config.json files).
+KNOWN_SHAPES: dict[str, dict[str, int]] = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3},
+    "meta-llama/Llama-2-7b-hf": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                                 "num_attention_heads": 32, "num_key_value_heads": 32},
+    "Qwen/Qwen1.5-7B": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "num_key_value_heads": 32},
+}
+
+
+def model_shape(model: str):
+    """The decoder shape of `model` without the network: the table above, a local directory's config.json, or the
+    Hugging Face cache; None when none of them has it."""
+    from types import SimpleNamespace
+
+    if model in KNOWN_SHAPES:
+        return SimpleNamespace(**KNOWN_SHAPES[model])
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def dry_run(config, out=print) -> None:
+    """Print what `run` would do with `config` (a bench.runner.RunConfig) and what it would cost, loading no model."""
+    from bench.artifacts import CalibrationSettings, artifact_key, find_artifact, key_hash
+    from bench.flops import LayerFlopCoefficients
+    from bench.runner import plan_methods
+    from bench.store import Store
+    from bench.tasks import DEFAULT_TASKS, TASKS
+
+    plan = plan_methods(config)
+    tasks = config.tasks or list(DEFAULT_TASKS)
+    units = [*tasks, "wikitext2", "efficiency"]
+    out(f"[dry-run] model={config.model} device={config.device} dtype={config.dtype} seed={config.seed}")
+    out(f"[dry-run] {len(plan)} method settings × {len(units)} units = {len(plan) * len(units)} cells "
+        f"(tasks: {', '.join(tasks)}; limit {config.limit or 'all'} items; WikiText-2 {config.ppl_windows or 'all'} "
+        f"windows × {config.ppl_seq_len}; efficiency probe)")
+    out("| method | sparsity | fields set by the study | calibration artifact |")
+    out("|---|---|---|---|")
+    to_calibrate = {}
+    for method in plan:
+        fields = {**overrides_for(method.registry_name, config.method_fields),
+                  **{f"calibration.{k}": v for k, v in overrides_for(method.registry_name, config.calibration).items()}}
+        if method.needs_calibration:
+            settings = CalibrationSettings.for_method(method, config.seed)
+            name = f"{type(method).name}-{key_hash(artifact_key(config.model, method, settings))}"
+            found = find_artifact(name)
+            status = f"{name}: {'cached' if found else 'to calibrate'}"
+            if not found:
+                to_calibrate[name] = settings
+        else:
+            status = "none needed"
+        out(f"| {method.registry_name} | {method.sparsity:g} | {fields or '-'} | {status} |")
+    out(f"[dry-run] artifacts to calibrate: {len(to_calibrate)} (each once, shared by every cell that needs it)")
+    _estimate(config, plan, tasks, out, LayerFlopCoefficients, Store, TASKS)
+
+
+def _estimate(config, plan, tasks, out, coefficients_cls, store_cls, task_info) -> None:
+    """Evaluation cost = dense decoder FLOPs of the workload × the seconds per FLOP measured on this kind of device
+    by an earlier run's dense efficiency probe (results store); task items are sized by the dense FLOPs per item the
+    store measured on its model, scaled by the per-token FLOPs ratio of the two models."""
+    target = model_shape(config.model)
+    if target is None:
+        out(f"[dry-run] cost: no estimate (the shape of {config.model!r} is not known offline: pass a local "
+            "directory or add it to bench.study.KNOWN_SHAPES)")
+        return
+    rows, where = None, None
+    for where in dict.fromkeys([config.results, "results"]):  # the study's store, then the default one
+        try:
+            rows = store_cls(where).load_rows()
+        except Exception:  # noqa: BLE001 - no store there: nothing measured
+            rows = None
+        if rows is not None and len(rows) and ((rows["task"] == "efficiency") & (rows["method"] == "dense")).any():
+            break
+        rows = None
+    if rows is None:
+        out(f"[dry-run] cost: no estimate (no dense efficiency measurement in {config.results}/ or results/; run a "
+            "small study on this machine first, e.g. `python -m bench run --methods shortgpt --tasks piqa --limit 20`)")
+        return
+    wanted = "cuda" if config.device == "cuda" else "cpu"
+    dense = rows[(rows["task"] == "efficiency") & (rows["method"] == "dense")]
+    on_device = dense[dense["device"].str.startswith(wanted)]
+    probe = on_device if len(on_device) else dense
+    device = str(probe["device"].iloc[0]).split(":")[0]
+    if device != wanted:
+        out(f"[dry-run] note: nothing was measured on {wanted} here; the estimate uses this machine's {device} rate")
+    speed = probe.pivot_table(index="cell", columns="metric", values="value")
+    seconds_per_flop = float((speed["dense_prefill_ms"] / 1e3 / speed["dense_decoder_flops"]).median())
+    measured_model = str(probe["model"].iloc[0])
+    measured_shape = model_shape(measured_model)
+    target_coeff = coefficients_cls.from_config(target)
+    ratio = (target_coeff.a + target_coeff.g) / _per_token(coefficients_cls, measured_shape)
+    accuracy = rows[(rows["method"] == "dense") & (rows["metric"] == "dense_decoder_flops")
+                    & (rows["model"] == measured_model)]
+    flops = 0.0
+    for task in tasks:
+        per_item = accuracy[accuracy["task"] == task]
+        items = task_info[task].n_items if config.limit is None else min(config.limit, task_info[task].n_items)
+        if len(per_item):
+            flops += float(per_item["value"].median()) / _items_in(rows, per_item) * items * ratio
+    windows = config.ppl_windows or 140  # WikiText-2 test ≈ 287k tokens: ~140 windows of 2,048
+    flops += windows * target_coeff.layer(config.ppl_seq_len) * target.num_hidden_layers
+    flops += 2 * config.latency_repeats * target_coeff.layer(config.latency_seq_len) * target.num_hidden_layers
+    hours = flops * len(plan) * seconds_per_flop / 3600
+    out(f"[dry-run] estimated evaluation cost (a lower bound): {hours:.1f} {device.upper()}-hours on this machine "
+        f"({flops * len(plan):.3g} decoder FLOPs for {len(plan)} method settings at "
+        f"{1 / seconds_per_flop / 1e9:.0f} GFLOP/s, the dense prefill rate measured in {where}/ on {measured_model}). "
+        "It counts every cell at dense cost and the dense prefill rate, and leaves out calibration, the knob solves "
+        "and per-request scoring of token methods and tokenizer differences: the default CPU study reads 0.1 "
+        "CPU-hours here and took 26 min.")
+
+
+def _per_token(coefficients_cls, shape) -> float:
+    coeff = coefficients_cls.from_config(shape)
+    return float(coeff.a + coeff.g)
+
+
+def _items_in(rows, per_item) -> int:
+    """Items the cell of these accuracy rows scored (its `limit`)."""
+    limits = rows[rows["cell"].isin(per_item["cell"])]["limit"].dropna()
+    return int(limits.iloc[0]) if len(limits) else 1
