@@ -143,7 +143,11 @@ def write_report(results: str, out: str) -> list[Path]:
         "else acc) of the pruned model ÷ the dense model's on the same items; 95% CI from a paired bootstrap over "
         "items. `c tasks` = mean [min, max] over tasks; `c wiki` over the WikiText-2 windows ± its spread across "
         "windows (* = unmatched); `c(probe)` on the latency probe. `ppl_ratio` = perplexity ÷ the dense model's "
-        "on exactly the same predictions (SDTP keeps logits at part of the positions: `scored_fraction` rows).",
+        "on exactly the same predictions (SDTP keeps logits at part of the positions: `scored_fraction` rows). "
+        "Per item against dense (bench.paired, paired-bootstrap 95% CIs): `flips vs dense` = share of items whose "
+        "correctness changed, either way; `KL vs dense` = KL(dense ‖ pruned) between the softmax over the choices' "
+        "log-likelihoods (LAMBADA: the target's log-likelihood drop); `agree` = share of items where both pick the "
+        "same choice.",
         "",
         "```",
         format_summary(summary),
@@ -159,8 +163,9 @@ def write_report(results: str, out: str) -> list[Path]:
         "",
         "Retention of A minus retention of B at the same target sparsity, on the matched tasks and items both were "
         "scored on, with a "
-        "95% CI from one paired bootstrap (the same resampled items for dense, A and B). `significant` = the CI "
-        "excludes 0.",
+        "95% CI from one paired bootstrap (the same resampled items for dense, A and B). `p` is the bootstrap "
+        "two-sided p-value of a zero difference; `significant` = its Holm-adjusted value over every comparison in "
+        "the table is below 0.05 (the CIs themselves are not adjusted).",
         "",
         "```",
         format_pairwise(pairwise_differences(rows, store)),

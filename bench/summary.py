@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bench.paired import ITEM_METRICS, bootstrap_p_value, holm, paired_item_metrics
 from bench.store import Store
 
 BOOTSTRAP_SAMPLES = 2000
@@ -116,12 +117,27 @@ def retention_difference(store: Store, dense_cells: dict[str, str], a_cells: dic
                          b_cells: dict[str, str], seed: int = 0) -> tuple[float, float, float]:
     """Retention of A minus retention of B on the tasks and items all three share, with a 95% CI from one paired
     bootstrap (the same resampled items for dense, A and B). A CI that excludes 0 is a significant difference."""
+    diff, lo, hi, _p = retention_difference_test(store, dense_cells, a_cells, b_cells, seed)
+    return diff, lo, hi
+
+
+def retention_difference_test(store: Store, dense_cells: dict[str, str], a_cells: dict[str, str],
+                              b_cells: dict[str, str], seed: int = 0) -> tuple[float, float, float, float]:
+    """`retention_difference` and its bootstrap two-sided p-value (bench.paired.bootstrap_p_value)."""
     result = _bootstrap_retentions(store, dense_cells, [a_cells, b_cells], seed)
     if result is None:
-        return float("nan"), float("nan"), float("nan")
+        return (float("nan"),) * 4
     (ra, rb), boot = result
     lo, hi = _interval(boot[0] - boot[1])
-    return float(ra - rb), lo, hi
+    return float(ra - rb), lo, hi, bootstrap_p_value(boot[0] - boot[1])
+
+
+def item_metrics_against_dense(store: Store, dense_cells: dict[str, str], pruned_cells: dict[str, str],
+                               seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """KL, flips, lost and agreement with dense over the tasks both scored (bench.paired), with 95% CIs."""
+    tasks = [(store.load_samples(dense_cells[t]), store.load_samples(cell), primary_metric(t))
+             for t, cell in pruned_cells.items() if t in dense_cells]
+    return paired_item_metrics(tasks, seed=seed)
 
 
 def _dense_accuracy(acc: pd.DataFrame, model, seed, device, dtype, limits: set) -> pd.DataFrame:
@@ -144,6 +160,7 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         pruned_cells = dict(zip(g_acc["task"], g_acc["cell"], strict=False))
         dense_cells = dict(zip(d_acc["task"], d_acc["cell"], strict=False))
         retention, lo, hi = paired_retention(store, dense_cells, pruned_cells, seed=int(seed))
+        items = item_metrics_against_dense(store, dense_cells, pruned_cells, seed=int(seed))
         eff = group[group["task"] == "efficiency"].set_index("metric")["value"]
         wiki_rows = group[group["task"] == "wikitext2"]
         wiki = wiki_rows.groupby("metric")["value"].first()
@@ -161,6 +178,7 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
             "mean_acc": g_acc["value"].mean() if len(g_acc) else np.nan,
             "tasks": len(g_acc),
             "retention": retention, "ret_lo": lo, "ret_hi": hi,
+            **{f"{m}{suffix}": items[m][i] for m in ITEM_METRICS for i, suffix in enumerate(("", "_lo", "_hi"))},
             "ppl": wiki.get("ppl", np.nan),
             "ppl_ratio": wiki.get("ppl_ratio", np.nan),
             "flops_ratio": eff["decoder_flops"] / eff["dense_decoder_flops"] if "decoder_flops" in eff else np.nan,
@@ -190,11 +208,17 @@ def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         names = sorted(cells)
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                diff, lo, hi = retention_difference(store, dense_cells, cells[a], cells[b], seed=int(seed))
+                diff, lo, hi, p = retention_difference_test(store, dense_cells, cells[a], cells[b], seed=int(seed))
                 if np.isfinite(diff):
                     out.append({"model": model, "target": target, "a": a, "b": b, "retention_a_minus_b": diff,
-                                "lo": lo, "hi": hi, "significant": bool(np.isfinite(lo) and (lo > 0 or hi < 0))})
-    return pd.DataFrame(out)
+                                "lo": lo, "hi": hi, "ci_excludes_0": bool(np.isfinite(lo) and (lo > 0 or hi < 0)),
+                                "p": p})
+    frame = pd.DataFrame(out)
+    if len(frame):
+        # one family: every comparison the table shows, Holm-adjusted so "significant" keeps its 5% meaning
+        frame["p_holm"] = holm(frame["p"])
+        frame["significant"] = frame["p_holm"] < 0.05
+    return frame
 
 
 def format_pairwise(frame: pd.DataFrame) -> str:
@@ -203,9 +227,13 @@ def format_pairwise(frame: pd.DataFrame) -> str:
     shown = frame.copy()
     shown["A − B (95% CI)"] = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else f"{d:+.3f} [CI n/a]"
                                for d, lo, hi in zip(shown["retention_a_minus_b"], shown["lo"], shown["hi"], strict=True)]
-    shown["significant"] = shown["significant"].map({True: "yes", False: "no"})
-    return shown[["target", "a", "b", "A − B (95% CI)", "significant"]].to_string(
+    shown["significant (Holm)"] = shown["significant"].map({True: "yes", False: "no"})
+    shown["p"] = [f"{p:.3f}" for p in shown["p"]]
+    shown["p Holm"] = [f"{p:.3f}" for p in shown["p_holm"]]
+    table = shown[["target", "a", "b", "A − B (95% CI)", "p", "p Holm", "significant (Holm)"]].to_string(
         index=False, float_format=lambda v: f"{v:.3f}")
+    return (table + f"\n(significant: Holm-adjusted bootstrap p < 0.05 over these {len(shown)} comparisons; "
+            "the 95% CIs are unadjusted)")
 
 
 def format_summary(frame: pd.DataFrame) -> str:
@@ -221,8 +249,14 @@ def format_summary(frame: pd.DataFrame) -> str:
     shown["c wiki"] = [(f"{c:.3f}±{sd:.3f}" + ("" if ok else "*")) if np.isfinite(c) else "-"
                        for c, sd, ok in zip(shown["c(wiki)"], shown["c_sd(wiki)"], shown["wiki_matched"],
                                             strict=True)]
+    for name, label, fmt in (("flips", "flips vs dense", "{:.3f} [{:.3f}, {:.3f}]"),
+                             ("kl", "KL vs dense", "{:.3f} [{:.3f}, {:.3f}]"),
+                             ("agreement", "agree", "{:.3f}")):
+        shown[label] = ["-" if method == "dense" or not np.isfinite(v) else fmt.format(v, lo, hi)
+                        for method, v, lo, hi in zip(shown["method"], shown[name], shown[f"{name}_lo"],
+                                                     shown[f"{name}_hi"], strict=True)]
     cols = ["method", "target", "c tasks [min, max]", "matched", "c wiki", "c(probe)", "mean_acc",
-            "retention (95% CI)", "ppl", "ppl_ratio", "prefill_speedup"]
+            "retention (95% CI)", "flips vs dense", "KL vs dense", "agree", "ppl", "ppl_ratio", "prefill_speedup"]
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 

@@ -86,10 +86,6 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BENCH_CACHE", str(cache))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "architecture: runs on each tiny architecture (`pytest -k architecture`)")
-
-
 def pytest_itemcollected(item):
     """Tests parametrised over the tiny architectures carry the `architecture` keyword."""
     params = getattr(getattr(item, "callspec", None), "params", {})
