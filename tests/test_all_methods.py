@@ -54,24 +54,14 @@ def test_every_method_prunes_and_restores(name, arch_model, tiny_calibration):
     pruning does not depend on the tokens; FTP and SDTP have exact references in their own tests, on every
     architecture too), and restores the dense model bit-exactly."""
     model = arch_model
-    sparsity = 0.0 if name == "dense" else 0.34
-    method = make_method(name, sparsity=sparsity, **_fast_fields(name))
-    if method.needs_calibration:
-        method.load_artifact(method.calibrate(model, None, tiny_calibration))
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(1))
     scored = torch.zeros_like(ids, dtype=torch.bool)
     scored[0, 18:] = True
     with torch.no_grad():
         dense_logits = model(ids).logits
-    dense_flops = count_flops(model, ids).decoder
-    assert dense_flops == analytic_decoder_flops(model.config, ids.shape[1])
-    method.fit_lengths(model.config, [tuple(ids.shape)])  # as the harness does (BlockPruner; a no-op otherwise)
+    method, dense_flops = _calibrated(name, model, tiny_calibration, ids)
     with method.apply(model) as pruned:
-        with torch.no_grad(), scoring(torch.zeros_like(ids, dtype=torch.bool)):
-            logits = pruned(ids).logits
-        with scoring(torch.zeros_like(ids, dtype=torch.bool)):
-            flops = count_flops(pruned, ids).decoder
-        stats = method.stats()
+        logits, flops, stats = _pruned_forward(method, pruned, ids)
         with torch.no_grad(), scoring(scored) as ctx:
             pruned(ids)
         if ctx.logit_positions is not None:  # a method that drops positions says which survive
@@ -98,6 +88,27 @@ def test_every_method_prunes_and_restores(name, arch_model, tiny_calibration):
         assert torch.equal(model(ids).logits, dense_logits), f"{name} did not restore the dense model"
 
 
+def _calibrated(name: str, model, calibration, ids: torch.Tensor):
+    """(the method calibrated on `model` and fitted to `ids`' shape as the harness does, the dense decoder FLOPs on
+    `ids`, checked against the analytic formula)."""
+    method = make_method(name, sparsity=0.0 if name == "dense" else 0.34, **_fast_fields(name))
+    if method.needs_calibration:
+        method.load_artifact(method.calibrate(model, None, calibration))
+    dense_flops = count_flops(model, ids).decoder
+    assert dense_flops == analytic_decoder_flops(model.config, ids.shape[1])
+    method.fit_lengths(model.config, [tuple(ids.shape)])  # BlockPruner chooses its blocks; a no-op otherwise
+    return method, dense_flops
+
+
+def _pruned_forward(method, pruned, ids: torch.Tensor):
+    """(logits, executed decoder FLOPs, stats) of one pruned forward with no scored position."""
+    with torch.no_grad(), scoring(torch.zeros_like(ids, dtype=torch.bool)):
+        logits = pruned(ids).logits
+    with scoring(torch.zeros_like(ids, dtype=torch.bool)):
+        flops = count_flops(pruned, ids).decoder
+    return logits, flops, method.stats()
+
+
 def _analytic_after_removal(config, seq_len: int, removed_units: list[str]) -> int:
     """Decoder FLOPs of the layers and sub-blocks left ("layer 3", "mha 2", "mlp 5" removed)."""
     coeff = LayerFlopCoefficients.from_config(config)
@@ -120,19 +131,10 @@ def test_every_method_calibrates_and_runs_in_bfloat16(name, arch, tiny_calibrati
     from bench.models import tiny_model
 
     model = tiny_model(arch).to(torch.bfloat16)
-    method = make_method(name, sparsity=0.0 if name == "dense" else 0.34, **_fast_fields(name))
-    if method.needs_calibration:
-        method.load_artifact(method.calibrate(model, None, tiny_calibration))
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(1))
-    dense_flops = count_flops(model, ids).decoder
-    assert dense_flops == analytic_decoder_flops(model.config, ids.shape[1])
-    method.fit_lengths(model.config, [tuple(ids.shape)])
+    method, dense_flops = _calibrated(name, model, tiny_calibration, ids)
     with method.apply(model) as pruned:
-        with torch.no_grad(), scoring(torch.zeros_like(ids, dtype=torch.bool)):
-            logits = pruned(ids).logits
-        with scoring(torch.zeros_like(ids, dtype=torch.bool)):
-            flops = count_flops(pruned, ids).decoder
-        stats = method.stats()
+        logits, flops, stats = _pruned_forward(method, pruned, ids)
         with torch.no_grad():
             generated = pruned.generate(ids[:, :12], max_new_tokens=4, do_sample=False)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
