@@ -333,7 +333,8 @@ def greedy_block_search(model, calibration: CalibrationSet, steps: int, candidat
 class BlockPruner(Method):
     """Greedy sub-block removal by calibration perplexity; one search serves every sparsity.
 
-    Fields: `search_steps` is K, the length of the deletion order the search produces (part of the artifact key);
+    Fields: `search_steps` is K, the length of the deletion order the search produces (part of the artifact key;
+    a model with fewer than K MHA + MLP blocks gets all of them ordered);
     `reference_seq_len` is the N at which block compute shares are evaluated to pick the prefix (an MHA block's
     share grows with N); `candidate_batch_size` is how many candidates one batched pass evaluates (speed only).
 
@@ -366,10 +367,9 @@ class BlockPruner(Method):
                                     f"got {self.candidate_batch_size!r}; lower it if the search runs out of memory")
 
     def calibrate(self, model, tokenizer, calibration: CalibrationSet) -> dict:
-        if self.search_steps > 2 * model.config.num_hidden_layers:
-            raise MethodConfigError(f"blockpruner: search_steps={self.search_steps} exceeds the "
-                                    f"{2 * model.config.num_hidden_layers} blocks of this model")
-        artifact = greedy_block_search(model, calibration, self.search_steps, self.candidate_batch_size)
+        # A model with fewer than K blocks (a user's small model) has its whole deletion order searched.
+        steps = min(self.search_steps, 2 * model.config.num_hidden_layers)
+        artifact = greedy_block_search(model, calibration, steps, self.candidate_batch_size)
         artifact["num_layers"] = model.config.num_hidden_layers
         return artifact
 

@@ -206,3 +206,12 @@ def test_artifact_is_json_and_tied_to_the_model(model, calibration):
     other = tiny_llama(num_layers=NUM_LAYERS + 2)
     with pytest.raises(MethodConfigError, match="recalibrate"), method.apply(other):
         pass
+
+
+def test_a_model_with_fewer_blocks_than_search_steps_gets_them_all_ordered(calibration):
+    """The default K = 34 is sized for SmolLM2's 60 blocks; a user's 4-layer model is searched to its end."""
+    small = tiny_llama(num_layers=2)
+    method = BlockPruner(sparsity=0.25)
+    assert method.search_steps > 4
+    method.load_artifact(method.calibrate(small, None, calibration))
+    assert sorted(tuple(b) for b in method.deletion_order(2)) == [("mha", 0), ("mha", 1), ("mlp", 0), ("mlp", 1)]
