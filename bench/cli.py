@@ -137,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from bench.runner import RunConfig, Runner
     from bench.store import Store
+    from bench.study import FILE_ONLY
     from bench.summary import format_summary, format_unmatched, summarize, unmatched_cells
 
     study = getattr(args, "study", None) or {}
-    extra = {k: study[k] for k in ("latency_seq_len", "decode_tokens", "method_fields", "calibration") if k in study}
+    extra = {k: study[k] for k in FILE_ONLY if k in study}
     config = RunConfig(model=args.model, methods=args.methods, sparsities=args.sparsity, tasks=args.tasks,
                        limit=args.limit, device=args.device, dtype=args.dtype, seed=args.seed,
                        results=args.results, force=args.force, batch_size=args.batch_size,
@@ -311,12 +312,10 @@ _CLI_NAMES = {"sparsities": "sparsity"}
 
 def _with_study(parser: argparse.ArgumentParser, argv: list[str] | None, path: str) -> argparse.Namespace:
     """Parse again with the study file's values as the `run` defaults, so options on the command line win."""
-    from bench.study import load_study
+    from bench.study import FILE_ONLY, load_study
 
     study = load_study(path)
-    parser.run_parser.set_defaults(**{_CLI_NAMES.get(k, k): v for k, v in study.items()
-                                      if k not in ("method_fields", "calibration", "latency_seq_len",
-                                                   "decode_tokens")})
+    parser.run_parser.set_defaults(**{_CLI_NAMES.get(k, k): v for k, v in study.items() if k not in FILE_ONLY})
     args = parser.parse_args(argv)
     args.study = study
     return args

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
+from bench.paths import REPO_ROOT
 
 try:
     import tomllib
@@ -46,6 +47,8 @@ RUN_KEYS: dict[str, tuple[str, str]] = {
     "results": ("str", '"results"'),
 }
 TABLES = ("fields", "calibration")
+# study keys `run` has no command-line option for: RunConfig takes them from the file only
+FILE_ONLY = ("latency_seq_len", "decode_tokens", "method_fields", "calibration")
 CALIBRATION_KEYS = {"n_samples": "count", "seq_len": "count", "source": "str"}
 
 
@@ -91,7 +94,7 @@ def load_study(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"--config {path}: no such file; the shipped studies are in configs/ "
-                         f"({', '.join(sorted(p.name for p in (Path(__file__).parent.parent / 'configs').glob('*.toml')))})")
+                         f"({', '.join(sorted(p.name for p in (REPO_ROOT / 'configs').glob('*.toml')))})")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -177,10 +180,8 @@ def model_shape(model: str):
 def dry_run(config, out=print) -> None:
     """Print what `run` would do with `config` (a bench.runner.RunConfig) and what it would cost, loading no model."""
     from bench.artifacts import CalibrationSettings, artifact_key, find_artifact, key_hash
-    from bench.flops import LayerFlopCoefficients
     from bench.runner import plan_methods
-    from bench.store import Store
-    from bench.tasks import DEFAULT_TASKS, TASKS
+    from bench.tasks import DEFAULT_TASKS
 
     plan = plan_methods(config)
     tasks = config.tasks or list(DEFAULT_TASKS)
@@ -206,13 +207,17 @@ def dry_run(config, out=print) -> None:
             status = "none needed"
         out(f"| {method.registry_name} | {method.sparsity:g} | {fields or '-'} | {status} |")
     out(f"[dry-run] artifacts to calibrate: {len(to_calibrate)} (each once, shared by every cell that needs it)")
-    _estimate(config, plan, tasks, out, LayerFlopCoefficients, Store, TASKS)
+    _estimate(config, plan, tasks, out)
 
 
-def _estimate(config, plan, tasks, out, coefficients_cls, store_cls, task_info) -> None:
+def _estimate(config, plan, tasks, out) -> None:
     """Evaluation cost = dense decoder FLOPs of the workload × the seconds per FLOP measured on this kind of device
     by an earlier run's dense efficiency probe (results store); task items are sized by the dense FLOPs per item the
     store measured on its model, scaled by the per-token FLOPs ratio of the two models."""
+    from bench.flops import LayerFlopCoefficients
+    from bench.store import Store
+    from bench.tasks import TASKS
+
     target = model_shape(config.model)
     if target is None:
         out(f"[dry-run] cost: no estimate (the shape of {config.model!r} is not known offline: pass a local "
@@ -221,7 +226,7 @@ def _estimate(config, plan, tasks, out, coefficients_cls, store_cls, task_info) 
     rows, where = None, None
     for where in dict.fromkeys([config.results, "results"]):  # the study's store, then the default one
         try:
-            rows = store_cls(where).load_rows()
+            rows = Store(where).load_rows()
         except Exception:  # noqa: BLE001 - no store there: nothing measured
             rows = None
         if rows is not None and len(rows) and ((rows["task"] == "efficiency") & (rows["method"] == "dense")).any():
@@ -242,14 +247,15 @@ def _estimate(config, plan, tasks, out, coefficients_cls, store_cls, task_info) 
     seconds_per_flop = float((speed["dense_prefill_ms"] / 1e3 / speed["dense_decoder_flops"]).median())
     measured_model = str(probe["model"].iloc[0])
     measured_shape = model_shape(measured_model)
-    target_coeff = coefficients_cls.from_config(target)
-    ratio = (target_coeff.a + target_coeff.g) / _per_token(coefficients_cls, measured_shape)
+    target_coeff = LayerFlopCoefficients.from_config(target)
+    measured_coeff = LayerFlopCoefficients.from_config(measured_shape)
+    ratio = (target_coeff.a + target_coeff.g) / (measured_coeff.a + measured_coeff.g)
     accuracy = rows[(rows["method"] == "dense") & (rows["metric"] == "dense_decoder_flops")
                     & (rows["model"] == measured_model)]
     flops = 0.0
     for task in tasks:
         per_item = accuracy[accuracy["task"] == task]
-        items = task_info[task].n_items if config.limit is None else min(config.limit, task_info[task].n_items)
+        items = TASKS[task].n_items if config.limit is None else min(config.limit, TASKS[task].n_items)
         if len(per_item):
             flops += float(per_item["value"].median()) / _items_in(rows, per_item) * items * ratio
     windows = config.ppl_windows or 140  # WikiText-2 test ≈ 287k tokens: ~140 windows of 2,048
@@ -262,11 +268,6 @@ def _estimate(config, plan, tasks, out, coefficients_cls, store_cls, task_info) 
         "It counts every cell at dense cost and the dense prefill rate, and leaves out calibration, the knob solves "
         "and per-request scoring of token methods and tokenizer differences: the default CPU study reads 0.1 "
         "CPU-hours here and took 26 min.")
-
-
-def _per_token(coefficients_cls, shape) -> float:
-    coeff = coefficients_cls.from_config(shape)
-    return float(coeff.a + coeff.g)
 
 
 def _items_in(rows, per_item) -> int:
