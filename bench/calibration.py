@@ -37,16 +37,24 @@ def _token_stream(source: str, tokenizer_key: str, seed: int, tokenizer) -> torc
 
 def load_calibration(tokenizer, n_samples: int = 64, seq_len: int = 512, seed: int = 0,
                      source: str = DEFAULT_SOURCE) -> CalibrationSet:
-    """`n_samples` windows of `seq_len` tokens as one [n_samples, seq_len] tensor."""
+    """`n_samples` windows of `seq_len` tokens as one [n_samples, seq_len] tensor; each starts with BOS (and holds
+    seq_len − 1 tokens of text) when the model's tokenizer adds one (`adds_bos`)."""
+    from bench.models import adds_bos
+
     if source not in SOURCES:
         raise BenchError(f"unknown calibration source {source!r}; use one of {sorted(SOURCES)}")
     if n_samples < 1 or seq_len < 2:
         raise BenchError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples} × {seq_len}")
     key = f"{tokenizer.name_or_path}:{len(tokenizer)}"
     stream = _token_stream(source, key, seed, tokenizer)
-    available = len(stream) // seq_len
+    bos = adds_bos(tokenizer)
+    body = seq_len - 1 if bos else seq_len
+    available = len(stream) // body
     if n_samples > available:
         raise BenchError(f"calibration source {source!r} holds {available} windows of {seq_len} tokens, "
                          f"{n_samples} were asked for; use --calibration-source c4-all or fewer samples")
-    windows = stream[: n_samples * seq_len].view(n_samples, seq_len).clone()
-    return CalibrationSet.from_tensor(windows, f"{source}:n{n_samples}:len{seq_len}:seed{seed}")
+    windows = stream[: n_samples * body].view(n_samples, body)
+    if bos:
+        windows = torch.cat([torch.full((n_samples, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
+    description = f"{source}:n{n_samples}:len{seq_len}:seed{seed}" + (":bos" if bos else "")
+    return CalibrationSet.from_tensor(windows.clone(), description)

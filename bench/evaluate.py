@@ -40,6 +40,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from bench.flops import counted_forward  # noqa: E402
 from bench.tasks import quiet_expected_lm_eval_messages  # noqa: E402
 from methods.base import scoring  # noqa: E402
+from methods.token_subsets import smallest_window  # noqa: E402
 
 MIN_FILL = 0.8  # a batch's rows are at least this fraction of its longest row
 SHARED_PREFIX, PER_REQUEST = "shared-prefix", "per-request"
@@ -226,6 +227,11 @@ class BenchLM(HFLM):
         groups = self._group_of_request if len(self._group_of_request) == n \
             else [tuple(ctx) for _, ctx, _ in requests]
         self.engine.path = self.path
+        window = smallest_window(self.model.config)
+        if window is not None and max((len(it.input_ids) for it in items), default=0) > window:
+            # one shared mask cannot hold both a sliding layer's window and a full layer's causal mask, so rows
+            # longer than the window are scored unpacked, where the model applies its windows itself
+            self.engine.path = PER_REQUEST
         if self.engine.path == SHARED_PREFIX:
             rows = pack_requests(items, groups, max_nodes=self.max_batch_tokens)
             plan = [self._packed_forward([rows[b] for b in batch], targets)

