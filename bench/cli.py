@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", help="the tidy rows to stdout")
     p.add_argument("--results", default="results")
-    p.add_argument("--format", choices=["csv", "markdown"], default="csv")
+    p.add_argument("--format", choices=["csv", "markdown", "latex"], default="csv",
+                   help="csv/markdown: the tidy rows; latex: the paper-style table per model and sparsity")
     p.add_argument("--summary", action="store_true",
                    help="print the per-method summary and the method-vs-method retention differences instead")
 
@@ -207,6 +208,13 @@ def cmd_table(args) -> int:
         print(format_unmatched(unmatched_cells(rows[rows["method"] != "dense"])))
         print("\nMethod against method (matched tasks only):")
         print(format_pairwise(pairwise_differences(rows, store)))
+        return 0
+    if args.format == "latex":
+        from bench.summary import current_rows, pairwise_differences, summarize
+        from bench.tables import format_latex, paper_tables
+
+        rows = current_rows(rows)
+        print(format_latex(paper_tables(rows, summarize(rows, store), pairwise_differences(rows, store))))
         return 0
     if args.format == "csv":
         rows.to_csv(sys.stdout, index=False)

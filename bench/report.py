@@ -1,7 +1,13 @@
-"""Figures and a Markdown report, regenerated only from the results store."""
+"""Figures, a Markdown report and a self-contained HTML report, regenerated only from the results store.
+
+Every model in the store gets its own section (paper-style table, summary, method-vs-method differences,
+unmatched cells) and its own panel in each figure. The HTML embeds its figures as data URIs, so it opens offline
+as one file."""
 
 from __future__ import annotations
 
+import base64
+import html
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +28,9 @@ from bench.summary import (  # noqa: E402
     summarize,
     unmatched_cells,
 )
+from bench.tables import PaperTable, caption, format_text, paper_tables  # noqa: E402
+
+PANEL = (5.6, 4.2)  # inches per model panel
 
 
 def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
@@ -36,68 +45,207 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return "\n".join([head, sep, *body])
 
 
-def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _label(method: str, target: float) -> str:
     return "dense" if method == "dense" else f"{method}@{target:g}"
 
 
+def _colours(methods) -> dict[str, tuple]:
+    """One colour per method, the same in every figure and panel."""
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(methods)))}
+
+
+def _panels(models: list[str], title: str, width: float = PANEL[0]):
+    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), PANEL[1]), squeeze=False)
+    fig.suptitle(title)
+    return fig, dict(zip(models, axes[0], strict=True))
+
+
+def _save(fig, path: Path) -> None:
+    rows = -(-len(fig.legends[0].get_texts()) // fig.legends[0]._ncols) if fig.legends else 0
+    fig.tight_layout(rect=(0, min(0.05 + 0.05 * rows, 0.4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _legend_outside(fig, axes) -> None:
+    """One legend for the figure, below the panels: labels never cover points."""
+    axes = list(axes)
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", fontsize=8, frameon=False,
+                   ncol=max(1, min(len(handles), 3 * len(axes))))
+
+
 def fig_retention(summary: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, g in summary[summary["method"] != "dense"].groupby("method"):
-        x = g["c(tasks)"].fillna(g["target"])
-        err = np.vstack([g["retention"] - g["ret_lo"], g["ret_hi"] - g["retention"]])
-        ax.errorbar(x, g["retention"] * 100, yerr=err * 100, marker="o", capsize=3, label=method)
-    ax.axhline(100, color="grey", lw=0.8, ls="--")
-    _finish(fig, ax, path, "compute sparsity measured on the scored task items", "accuracy retention vs dense (%)",
-            "Accuracy retention over matched tasks (paired bootstrap 95% CI)")
+    """Retention vs compute sparsity measured on the scored items: a CI band where a method was run at several
+    sparsities, error bars otherwise."""
+    models = sorted(summary["model"].unique())
+    colours = _colours(summary["method"])
+    fig, axes = _panels(models, "Accuracy retention vs measured compute sparsity (paired bootstrap 95% CI)")
+    for model, ax in axes.items():
+        pruned = summary[(summary["model"] == model) & (summary["method"] != "dense")]
+        for method, g in pruned.dropna(subset=["retention"]).sort_values("target").groupby("method"):
+            x = g["c(tasks)"].fillna(g["target"]).to_numpy()
+            y, lo, hi = (g[c].to_numpy() * 100 for c in ("retention", "ret_lo", "ret_hi"))
+            if len(g) > 1:
+                ax.plot(x, y, marker="o", color=colours[method], label=method)
+                ax.fill_between(x, lo, hi, color=colours[method], alpha=0.15)
+            else:
+                ax.errorbar(x, y, yerr=np.vstack([y - lo, hi - y]), marker="o", capsize=3, color=colours[method],
+                            label=method, ls="none")
+        ax.axhline(100, color="grey", lw=0.8, ls="--")
+        ax.set_title(model)
+        ax.set_xlabel("compute sparsity c on the scored items")
+        ax.set_ylabel("accuracy retention vs dense (%)")
+    _legend_outside(fig, axes.values())
+    _save(fig, path)
+
+
+def fig_pareto(summary: pd.DataFrame, path: Path) -> None:
+    """Retention vs measured prefill speedup; the dashed line is the speedup c would give if time followed
+    FLOPs, 1/(1 − c), at each target."""
+    models = sorted(summary["model"].unique())
+    colours = _colours(summary["method"])
+    fig, axes = _panels(models, "Retention vs measured prefill speedup (ideal: 1/(1 − c))")
+    for model, ax in axes.items():
+        pruned = summary[(summary["model"] == model) & (summary["method"] != "dense")]
+        pruned = pruned.dropna(subset=["retention", "prefill_speedup"])
+        for method, g in pruned.groupby("method"):
+            y = g["retention"].to_numpy() * 100
+            err = np.vstack([y - g["ret_lo"].to_numpy() * 100, g["ret_hi"].to_numpy() * 100 - y])
+            ax.errorbar(g["prefill_speedup"], y, yerr=err, marker="o", capsize=3, ls="none", color=colours[method],
+                        label=method)
+        for target in sorted(pruned["target"].unique()):
+            ax.axvline(1 / (1 - target), color="grey", ls="--", lw=0.8)
+            ax.annotate(f"ideal @ c={target:g}", (1 / (1 - target), ax.get_ylim()[1]), fontsize=7, rotation=90,
+                        va="top", ha="right", color="grey")
+        ax.axvline(1.0, color="black", lw=0.6)
+        ax.set_title(model)
+        ax.set_xlabel("prefill speedup over dense (interleaved, measured)")
+        ax.set_ylabel("accuracy retention (%)")
+    _legend_outside(fig, axes.values())
+    _save(fig, path)
 
 
 def fig_task_accuracy(rows: pd.DataFrame, path: Path) -> None:
     acc = accuracy_rows(rows).copy()
     acc["label"] = [_label(m, t) for m, t in zip(acc["method"], acc["target_sparsity"], strict=True)]
-    table = acc.pivot_table(index="task", columns="label", values="value", aggfunc="mean")
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(table)), 4.2))
-    width = 0.8 / max(len(table.columns), 1)
-    for i, label in enumerate(table.columns):
-        ax.bar(np.arange(len(table)) + i * width, table[label] * 100, width, label=label)
-    ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table.index, rotation=20)
-    ax.set_ylabel("accuracy (%; acc_norm where defined)")
-    ax.set_title("Per-task accuracy")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    models = sorted(acc["model"].unique())
+    n_tasks = acc["task"].nunique()
+    fig, axes = _panels(models, "Per-task accuracy (%; acc_norm where defined)", width=max(6.4, 1.1 * n_tasks))
+    for model, ax in axes.items():
+        table = acc[acc["model"] == model].pivot_table(index="task", columns="label", values="value", aggfunc="mean")
+        width = 0.8 / max(len(table.columns), 1)
+        for i, label in enumerate(table.columns):
+            ax.bar(np.arange(len(table)) + i * width, table[label] * 100, width, label=label)
+        ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table.index, rotation=25, ha="right")
+        ax.set_title(model)
+        ax.set_ylabel("accuracy (%)")
+    _legend_outside(fig, axes.values())
+    _save(fig, path)
 
 
 def fig_perplexity(summary: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.axhline(1.0, color="grey", ls="--", lw=0.8, label="dense")
-    for method, g in summary[summary["method"] != "dense"].groupby("method"):
-        ax.plot(g["c(wiki)"].fillna(g["target"]), g["ppl_ratio"], marker="o", label=method)
-    ax.set_yscale("log")
-    _finish(fig, ax, path, "compute sparsity measured on the WikiText-2 windows",
-            "perplexity ÷ dense perplexity on the same positions", "Perplexity ratio vs sparsity")
+    models = sorted(summary["model"].unique())
+    colours = _colours(summary["method"])
+    fig, axes = _panels(models, "Perplexity ÷ dense perplexity on the same positions (WikiText-2)")
+    for model, ax in axes.items():
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+        pruned = summary[(summary["model"] == model) & (summary["method"] != "dense")]
+        for method, g in pruned.dropna(subset=["ppl_ratio"]).sort_values("target").groupby("method"):
+            ax.plot(g["c(wiki)"].fillna(g["target"]), g["ppl_ratio"], marker="o", color=colours[method],
+                    label=method)
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.set_xlabel("compute sparsity c on the WikiText-2 windows")
+        ax.set_ylabel("perplexity ratio")
+    _legend_outside(fig, axes.values())
+    _save(fig, path)
 
 
 def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    g = summary.dropna(subset=["flops_ratio", "prefill_speedup"])
-    for _, r in g.iterrows():
-        ax.scatter(1 / r["flops_ratio"], r["prefill_speedup"])
-        ax.annotate(_label(r["method"], r["target"]), (1 / r["flops_ratio"], r["prefill_speedup"]), fontsize=7)
-    lim = max([1.5, *(1 / g["flops_ratio"]).tolist(), *g["prefill_speedup"].tolist()]) * 1.05
-    ax.plot([1, lim], [1, lim], color="grey", ls="--", lw=0.8, label="speedup = FLOPs reduction")
-    _finish(fig, ax, path, "FLOPs reduction (dense ÷ pruned decoder FLOPs)", "measured prefill speedup (interleaved)",
-            "FLOPs reduction vs measured speedup")
+    """Points in the legend (coloured by method, one marker per target), never as overlapping text labels."""
+    models = sorted(summary["model"].unique())
+    colours = _colours(summary["method"])
+    markers = dict(zip(sorted(summary["target"].unique()), "osD^vP*X", strict=False))
+    fig, axes = _panels(models, "FLOPs reduction vs measured prefill speedup")
+    for model, ax in axes.items():
+        g = summary[summary["model"] == model].dropna(subset=["flops_ratio", "prefill_speedup"])
+        for r in g.itertuples(index=False):
+            ax.scatter(1 / r.flops_ratio, r.prefill_speedup, color=colours[r.method], marker=markers[r.target],
+                       label=_label(r.method, r.target), s=40)
+        lim = max([1.5, *(1 / g["flops_ratio"]).tolist(), *g["prefill_speedup"].tolist()]) * 1.05
+        ax.plot([1, lim], [1, lim], color="grey", ls="--", lw=0.8, label="speedup = FLOPs reduction")
+        ax.set_title(model)
+        ax.set_xlabel("FLOPs reduction (dense ÷ pruned decoder FLOPs)")
+        ax.set_ylabel("prefill speedup (interleaved)")
+    _legend_outside(fig, axes.values())
+    _save(fig, path)
+
+
+FIGURES = {
+    "retention_vs_sparsity.png": ("summary", fig_retention),
+    "retention_vs_speedup.png": ("summary", fig_pareto),
+    "task_accuracy.png": ("rows", fig_task_accuracy),
+    "perplexity_ratio_vs_sparsity.png": ("summary", fig_perplexity),
+    "flops_vs_speedup.png": ("summary", fig_flops_vs_speedup),
+}
+
+
+def what_is_real(summary: pd.DataFrame, pairwise: pd.DataFrame) -> list[str]:
+    """Plain sentences, per model and target, from the significance results: which differences survive Holm
+    correction, which methods' retention CIs exclude 100%, and how many comparisons are indistinguishable."""
+    lines = []
+    pruned = summary[summary["method"] != "dense"]
+    for (model, target), group in pruned.groupby(["model", "target"], sort=True):
+        head = f"{model} at c = {target:g}:"
+        ranked = group.dropna(subset=["retention"])
+        if ranked.empty:
+            lines.append(f"{head} no matched task, so no retention to compare.")
+            continue
+        worse = [f"{r.method} ({100 * r.retention:.1f}% [{100 * r.ret_lo:.1f}, {100 * r.ret_hi:.1f}])"
+                 for r in ranked.itertuples() if np.isfinite(r.ret_hi) and r.ret_hi < 1]
+        same = pairwise[(pairwise["model"] == model) & (pairwise["target"] == target)] if len(pairwise) \
+            else pairwise
+        real = same[same["significant"]] if len(same) else same
+        sentences = [head]
+        if len(real):
+            diffs = [f"{a if d > 0 else b} over {b if d > 0 else a} by {100 * abs(d):.1f} points "
+                     f"(Holm p {p:.3f})" for a, b, d, p in zip(real["a"], real["b"], real["retention_a_minus_b"],
+                                                              real["p_holm"], strict=True)]
+            sentences.append("significant after Holm correction: " + "; ".join(diffs) + ".")
+        else:
+            sentences.append("no method-vs-method difference in retention survives Holm correction.")
+        if len(same):
+            sentences.append(f"{len(same) - len(real)} of {len(same)} comparisons are indistinguishable at this "
+                             "study's size.")
+        sentences.append("Retention CI entirely below 100%: " + (", ".join(worse) if worse else "none") + ".")
+        lines.append(" ".join(sentences))
+    return lines
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _html_table(table: PaperTable) -> str:
+    body = table.frame.to_html(index=False, escape=True, border=0, classes="paper")
+    return f"<figure>{body}<figcaption>{html.escape(caption(table))}</figcaption></figure>"
+
+
+def _pre(text: str) -> str:
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table.paper{border-collapse:collapse;font-size:13px}table.paper td,table.paper th{padding:3px 8px;text-align:right;
+border-bottom:1px solid #ddd}table.paper td:first-child,table.paper th:first-child{text-align:left}
+figcaption{font-size:12px;color:#555;margin:4px 0 18px}pre{font-size:11px;overflow-x:auto;background:#f7f7f7;
+padding:8px}img{max-width:100%;display:block;margin:8px 0 20px}"""
 
 
 def write_report(results: str, out: str) -> list[Path]:
@@ -106,35 +254,23 @@ def write_report(results: str, out: str) -> list[Path]:
     rows = current_rows(stored)
     superseded = stored["cell"].nunique() - rows["cell"].nunique()
     summary = summarize(rows, store)
+    pairwise = pairwise_differences(rows, store)
+    tables = paper_tables(rows, summary, pairwise)
+    real = what_is_real(summary, pairwise)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "retention_vs_sparsity.png": lambda p: fig_retention(summary, p),
-        "task_accuracy.png": lambda p: fig_task_accuracy(rows, p),
-        "perplexity_ratio_vs_sparsity.png": lambda p: fig_perplexity(summary, p),
-        "flops_vs_speedup.png": lambda p: fig_flops_vs_speedup(summary, p),
-    }
-    paths = []
-    for name, draw in figures.items():
-        draw(out_dir / name)
-        paths.append(out_dir / name)
-    acc = accuracy_rows(rows).copy()
-    acc["label"] = [_label(m, t) for m, t in zip(acc["method"], acc["target_sparsity"], strict=True)]
-    per_task = acc.pivot_table(index="label", columns="task", values="value", aggfunc="mean").reset_index()
-    task_sparsity = acc.pivot_table(index="label", columns="task", values="measured_sparsity",
-                                     aggfunc="mean").reset_index()
-    models = ", ".join(sorted(rows["model"].dropna().unique()))
+    figures = []
+    for name, (source, draw) in FIGURES.items():
+        draw(summary if source == "summary" else rows, out_dir / name)
+        figures.append(out_dir / name)
+    models = sorted(rows["model"].dropna().unique())
     commits = ", ".join(sorted(rows["git_commit"].dropna().unique()))
+    acc = accuracy_rows(rows)
     limits = ", ".join(str(x) for x in sorted(acc["limit"].dropna().unique())) or "all"
-    text = [
-        "# Pruning benchmark report",
-        "",
-        f"Generated from `{results}/` ({len(rows)} rows, {rows['cell'].nunique()} cells; {superseded} older cells "
-        f"superseded by a newer one of the same method, sparsity, task and limit). Model(s): {models}. "
-        f"Items per task (limit): {limits}. Code: {commits}.",
-        "",
-        "## Summary",
-        "",
+    intro = (f"Generated from `{results}/` ({len(rows)} rows, {rows['cell'].nunique()} cells; {superseded} older "
+             f"cells superseded by a newer one of the same method, sparsity, task and limit). Model(s): "
+             f"{', '.join(models)}. Items per task (limit): {limits}. Code: {commits}.")
+    definitions = (
         "Matching: every cell's compute sparsity c = 1 − F_exec/F_dense is counted with FlopCounterMode on every "
         "forward exactly as it was scored; input-dependent methods solve their knob on each task's own inputs, "
         "static ones fit the study's sequence lengths. A cell is *matched* when |c − target| ≤ 0.02; `matched` "
@@ -147,44 +283,45 @@ def write_report(results: str, out: str) -> list[Path]:
         "Per item against dense (bench.paired, paired-bootstrap 95% CIs): `flips vs dense` = share of items whose "
         "correctness changed, either way; `KL vs dense` = KL(dense ‖ pruned) between the softmax over the choices' "
         "log-likelihoods (LAMBADA: the target's log-likelihood drop); `agree` = share of items where both pick the "
-        "same choice.",
-        "",
-        "```",
-        format_summary(summary),
-        "```",
-        "",
-        "## Unmatched cells",
-        "",
-        "```",
-        format_unmatched(unmatched_cells(rows[rows["method"] != "dense"])),
-        "```",
-        "",
-        "## Method against method",
-        "",
-        "Retention of A minus retention of B at the same target sparsity, on the matched tasks and items both were "
-        "scored on, with a "
-        "95% CI from one paired bootstrap (the same resampled items for dense, A and B). `p` is the bootstrap "
-        "two-sided p-value of a zero difference; `significant` = its Holm-adjusted value over every comparison in "
-        "the table is below 0.05 (the CIs themselves are not adjusted).",
-        "",
-        "```",
-        format_pairwise(pairwise_differences(rows, store)),
-        "```",
-        "",
-        "## Per-task accuracy",
-        "",
-        markdown_table(per_task),
-        "",
-        "## Measured compute sparsity per task",
-        "",
-        markdown_table(task_sparsity),
-        "",
-        "## Figures",
-        "",
-        *[f"![{p.stem}]({p.name})" for p in paths],
-        "",
-    ]
+        "same choice.")
+    pairwise_note = ("Retention of A minus retention of B at the same target sparsity, on the matched tasks and "
+                     "items both were scored on, with a 95% CI from one paired bootstrap (the same resampled items "
+                     "for dense, A and B). `p` is the bootstrap two-sided p-value of a zero difference; "
+                     "`significant` = its Holm-adjusted value over every comparison in the table is below 0.05 "
+                     "(the CIs themselves are not adjusted).")
+    per_model = []
+    for model in models:
+        mine = rows[rows["model"] == model]
+        per_model.append((model, [t for t in tables if t.model == model],
+                          format_summary(summary[summary["model"] == model]),
+                          format_unmatched(unmatched_cells(mine[mine["method"] != "dense"])),
+                          format_pairwise(pairwise[pairwise["model"] == model] if len(pairwise) else pairwise)))
+    markdown = ["# Pruning benchmark report", "", intro, "", "## What is real", "", *[f"- {x}" for x in real], "",
+                "## Definitions", "", definitions, ""]
+    for model, model_tables, summary_text, unmatched_text, pairwise_text in per_model:
+        markdown += [f"## {model}", "", "### Paper-style table", "", "```", format_text(model_tables), "```", "",
+                     "### Summary", "", "```", summary_text, "```", "", "### Unmatched cells", "", "```",
+                     unmatched_text, "```", "", "### Method against method", "", pairwise_note, "", "```",
+                     pairwise_text, "```", ""]
+    markdown += ["## Figures", "", "One panel per model.", "", *[f"![{p.stem}]({p.name})" for p in figures], ""]
     report = out_dir / "report.md"
-    report.write_text("\n".join(text))
-    paths.append(report)
-    return paths
+    report.write_text("\n".join(markdown))
+
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>Pruning benchmark report</title>",
+            f"<style>{CSS}</style></head><body><h1>Pruning benchmark report</h1>", f"<p>{html.escape(intro)}</p>",
+            "<h2>What is real</h2><ul>", *[f"<li>{html.escape(x)}</li>" for x in real], "</ul>"]
+    for model, model_tables, summary_text, unmatched_text, pairwise_text in per_model:
+        page += [f"<h2>{html.escape(model)}</h2>", *[_html_table(t) for t in model_tables],
+                 "<h3>Summary</h3>", _pre(summary_text), "<h3>Method against method</h3>",
+                 f"<p>{html.escape(pairwise_note)}</p>", _pre(pairwise_text), "<h3>Unmatched cells</h3>",
+                 _pre(unmatched_text)]
+    page += ["<h2>Figures</h2><p>One panel per model.</p>",
+             # a self-check a browser can read: how many figures decoded (the report test reads it)
+             "<script>window.addEventListener('load',()=>{const i=[...document.images];document.body.dataset"
+             ".figures=i.length;document.body.dataset.figuresLoaded=i.filter(x=>x.complete&&x.naturalWidth>0)"
+             ".length;});</script>",
+             *[f"<img alt='{p.stem}' src='{_data_uri(p)}'>" for p in figures],
+             f"<h2>Definitions</h2><p>{html.escape(definitions)}</p></body></html>"]
+    page_path = out_dir / "report.html"
+    page_path.write_text("\n".join(page))
+    return [*figures, report, page_path]

@@ -230,15 +230,19 @@ def format_pairwise(frame: pd.DataFrame) -> str:
     shown["significant (Holm)"] = shown["significant"].map({True: "yes", False: "no"})
     shown["p"] = [f"{p:.3f}" for p in shown["p"]]
     shown["p Holm"] = [f"{p:.3f}" for p in shown["p_holm"]]
-    table = shown[["target", "a", "b", "A − B (95% CI)", "p", "p Holm", "significant (Holm)"]].to_string(
+    columns = ["target", "a", "b", "A − B (95% CI)", "p", "p Holm", "significant (Holm)"]
+    table = shown[(["model"] if shown["model"].nunique() > 1 else []) + columns].to_string(
         index=False, float_format=lambda v: f"{v:.3f}")
     return (table + f"\n(significant: Holm-adjusted bootstrap p < 0.05 over these {len(shown)} comparisons; "
             "the 95% CIs are unadjusted)")
 
 
 def format_summary(frame: pd.DataFrame) -> str:
+    """The summary as text: one table per model when the store holds several."""
     if frame.empty:
         return "(no results)"
+    if frame["model"].nunique() > 1:
+        return "\n\n".join(f"model: {model}\n{format_summary(g)}" for model, g in frame.groupby("model", sort=True))
     shown = frame.copy()
     shown["retention (95% CI)"] = [
         "-" if not np.isfinite(r) else f"{r:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{r:.3f} [CI n/a]"
