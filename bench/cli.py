@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true",
                    help="print the per-method summary and the method-vs-method retention differences instead")
 
+    p = sub.add_parser("power", help="the smallest retention difference the study in the store can detect, and "
+                                     "the items per task a 2-point difference needs")
+    p.add_argument("--results", default="results")
+
     p = sub.add_parser("calibrate", help="run or load a method's calibration and print its artifact")
     _add_model_args(p)
     p.add_argument("--method", required=True)
@@ -170,6 +174,9 @@ def cmd_run(args) -> int:
     if len(unmatched):
         print("\nUnmatched cells (|c − target| > 0.02 on the scored inputs; left out of retention):")
         print(format_unmatched(unmatched))
+    from bench.power import format_power, study_power
+
+    print("\n[power] " + format_power(study_power(rows, store)).replace("\n", "\n[power] "))
     print(f"\n[bench] {len(runner.cells_written)} cells computed, {len(runner.cells_skipped)} already complete "
           f"(resume), results in {config.results}/")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in runner.clock.seconds.items())
@@ -222,6 +229,16 @@ def cmd_table(args) -> int:
         from bench.report import markdown_table
 
         print(markdown_table(rows))
+    return 0
+
+
+def cmd_power(args) -> int:
+    from bench.power import format_power, study_power
+    from bench.store import Store
+    from bench.summary import current_rows
+
+    store = Store(args.results)
+    print(format_power(study_power(current_rows(store.load_rows()), store)))
     return 0
 
 
@@ -310,7 +327,7 @@ def validate(args) -> None:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "table": cmd_table, "calibrate": cmd_calibrate,
-            "list": cmd_list, "gate": cmd_gate,
+            "list": cmd_list, "gate": cmd_gate, "power": cmd_power,
             "perf": cmd_perf}
 
 

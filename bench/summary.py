@@ -69,7 +69,7 @@ def _aligned_items(store: Store, dense_cells: dict[str, str], *method_cells: dic
             yield arrays[0], arrays[1:]
 
 
-def _bootstrap_retentions(store: Store, dense_cells: dict[str, str], method_cells: list[dict[str, str]],
+def bootstrap_retentions(store: Store, dense_cells: dict[str, str], method_cells: list[dict[str, str]],
                           seed: int) -> tuple[list[float], np.ndarray] | None:
     """(retention per method, bootstrap retentions [methods, samples]). Items are resampled within each task,
     the same resample for dense and every method (paired)."""
@@ -105,7 +105,7 @@ def paired_retention(store: Store, dense_cells: dict[str, str], pruned_cells: di
                      seed: int = 0) -> tuple[float, float, float]:
     """Retention = mean over tasks of pruned accuracy ÷ the same for dense, on the same items; 95% CI by a
     paired bootstrap over items."""
-    result = _bootstrap_retentions(store, dense_cells, [pruned_cells], seed)
+    result = bootstrap_retentions(store, dense_cells, [pruned_cells], seed)
     if result is None:
         return float("nan"), float("nan"), float("nan")
     (retention,), boot = result
@@ -124,7 +124,7 @@ def retention_difference(store: Store, dense_cells: dict[str, str], a_cells: dic
 def retention_difference_test(store: Store, dense_cells: dict[str, str], a_cells: dict[str, str],
                               b_cells: dict[str, str], seed: int = 0) -> tuple[float, float, float, float]:
     """`retention_difference` and its bootstrap two-sided p-value (bench.paired.bootstrap_p_value)."""
-    result = _bootstrap_retentions(store, dense_cells, [a_cells, b_cells], seed)
+    result = bootstrap_retentions(store, dense_cells, [a_cells, b_cells], seed)
     if result is None:
         return (float("nan"),) * 4
     (ra, rb), boot = result
@@ -140,7 +140,7 @@ def item_metrics_against_dense(store: Store, dense_cells: dict[str, str], pruned
     return paired_item_metrics(tasks, seed=seed)
 
 
-def _dense_accuracy(acc: pd.DataFrame, model, seed, device, dtype, limits: set) -> pd.DataFrame:
+def dense_accuracy(acc: pd.DataFrame, model, seed, device, dtype, limits: set) -> pd.DataFrame:
     """The dense reference's accuracy rows for one setup (model, seed, device, dtype) at these item limits."""
     same = (acc["model"] == model) & (acc["seed"] == seed) & (acc["device"] == device) & (acc["dtype"] == dtype)
     return acc[same & (acc["method"] == "dense") & acc["limit"].isin(limits)]
@@ -155,7 +155,7 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         model, method, target, seed, device, dtype = key
         g_all = accuracy_rows(group)
         g_acc = matched_only(g_all)
-        d_acc = _dense_accuracy(all_acc, model, seed, device, dtype, set(g_acc["limit"].dropna()))
+        d_acc = dense_accuracy(all_acc, model, seed, device, dtype, set(g_acc["limit"].dropna()))
         d_acc = d_acc[d_acc["task"].isin(g_acc["task"])]
         pruned_cells = dict(zip(g_acc["task"], g_acc["cell"], strict=False))
         dense_cells = dict(zip(d_acc["task"], d_acc["cell"], strict=False))
@@ -201,7 +201,7 @@ def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
     keys = ["model", "target_sparsity", "seed", "device", "dtype", "limit"]
     for key, group in acc.groupby(keys, dropna=False, sort=True):
         model, target, seed, device, dtype, limit = key
-        dense = _dense_accuracy(acc, model, seed, device, dtype, {limit})
+        dense = dense_accuracy(acc, model, seed, device, dtype, {limit})
         dense_cells = dict(zip(dense["task"], dense["cell"], strict=False))
         cells = {m: dict(zip(g["task"], g["cell"], strict=False)) for m, g in group.groupby("method")
                  if m != "dense"}
