@@ -53,6 +53,8 @@ class RunConfig:
     measure_efficiency: bool = True
     measure_ppl: bool = True
     progress: bool = True
+    executor: str = "local"  # "local": in this process; "ray": one Ray task per group of cells (bench.executors)
+    ray_address: str | None = None  # an existing Ray cluster; None starts a local one
     # from a study file (bench.study): per method (family or variant) field values and calibration text settings
     method_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -165,52 +167,65 @@ class Runner:
 
     # -- the study --------------------------------------------------------------------------------------------
     def run(self) -> list[str]:
+        """Every group of cells: in this process (`executor="local"`), or as Ray tasks (bench.executors)."""
+        if self.config.executor == "ray":
+            from bench.executors import run_on_ray
+
+            return run_on_ray(self)
+        return self.run_groups(range(len(self.plan)), clean=True)
+
+    def run_groups(self, indices, clean: bool = False) -> list[str]:
+        """The cells of `self.plan[i]` for each i, in this process (loading the model if none was given)."""
         c = self.config
         torch.manual_seed(c.seed)
         if self.model is None:
             self.model, self.tokenizer = self.clock.timed("load model", lambda: load_model(c.model, c.device, c.dtype))
         with cpu_threads(self.model, c.threads) as threads:
             self.threads_used = threads
-            return self._run()
-
-    def _run(self) -> list[str]:
-        c = self.config
-        self.device = next(self.model.parameters()).device
-        self.commit = git_commit()
-        self.dense_layers = self.model.config.num_hidden_layers
-        units = self.unit_settings()
-        self.store.remove_stale()  # temporaries of killed runs
-        outer = tqdm(self.plan, desc="methods", disable=not c.progress)
-        for method in outer:
-            outer.set_postfix_str(f"{method.registry_name}@{method.sparsity:g}")
-            settings = {u: self.cell_settings(method, u, s) for u, s in units.items()}
-            cells = {unit: cell_hash(self._identity(method, unit, settings[unit])) for unit in units}
-            self.run_cells.extend(cells.values())
-            pending = [u for u in units if c.force or not self.store.is_complete(cells[u])]
-            self.cells_skipped.extend(cells[u] for u in units if u not in pending)
-            if not pending:
-                continue
-            artifact = self.clock.timed(f"calibrate {method.registry_name}", lambda m=method: ensure_calibrated(
-                m, self.model, self.tokenizer, c.model, seed=c.seed, force=False))
-            for unit in pending:
-                with self.store.claim(cells[unit], force=c.force) as owned:  # another process may hold it
-                    if not owned:
-                        self.cells_skipped.append(cells[unit])
-                        continue
-                    stage = "accuracy" if unit in self.tasks else unit
-                    method.set_knob(None)
-                    rows, samples = self.clock.timed(stage, lambda u=unit, m=method: self.measure(m, u, units[u]))
-                    common = {**self._common(), "cell": cells[unit], "method": method.registry_name,
-                              "method_params": json.dumps(method.config(), sort_keys=True, default=str),
-                              "target_sparsity": method.sparsity, "artifact": artifact.get("key_hash"),
-                              "calibration": json.dumps(artifact, default=str)}
-                    rows = [{**common, **row} for row in rows]
-                    identity = {**self._identity(method, unit, settings[unit]), "stats": method.stats(),
-                                "host": platform.node()}
-                    method.set_knob(None)
-                    self.store.write(cells[unit], identity, rows, samples)
-                    self.cells_written.append(cells[unit])
+            self.device = next(self.model.parameters()).device
+            self.commit = git_commit()
+            self.dense_layers = self.model.config.num_hidden_layers
+            if clean:
+                self.store.remove_stale()  # temporaries of killed runs
+            selected = [self.plan[i] for i in indices]
+            outer = tqdm(selected, desc="methods", disable=not c.progress)
+            for method in outer:
+                outer.set_postfix_str(f"{method.registry_name}@{method.sparsity:g}")
+                self.run_group(method)
         return self.run_cells
+
+    def run_group(self, method: Method) -> None:
+        """One (method, sparsity): calibrate (cached) if any of its cells is pending, then measure each pending
+        unit into its own cell."""
+        c = self.config
+        units = self.unit_settings()
+        settings = {u: self.cell_settings(method, u, s) for u, s in units.items()}
+        cells = {unit: cell_hash(self._identity(method, unit, settings[unit])) for unit in units}
+        self.run_cells.extend(cells.values())
+        pending = [u for u in units if c.force or not self.store.is_complete(cells[u])]
+        self.cells_skipped.extend(cells[u] for u in units if u not in pending)
+        if not pending:
+            return
+        artifact = self.clock.timed(f"calibrate {method.registry_name}", lambda m=method: ensure_calibrated(
+            m, self.model, self.tokenizer, c.model, seed=c.seed, force=False))
+        for unit in pending:
+            with self.store.claim(cells[unit], force=c.force) as owned:  # another process may hold it
+                if not owned:
+                    self.cells_skipped.append(cells[unit])
+                    continue
+                stage = "accuracy" if unit in self.tasks else unit
+                method.set_knob(None)
+                rows, samples = self.clock.timed(stage, lambda u=unit, m=method: self.measure(m, u, units[u]))
+                common = {**self._common(), "cell": cells[unit], "method": method.registry_name,
+                          "method_params": json.dumps(method.config(), sort_keys=True, default=str),
+                          "target_sparsity": method.sparsity, "artifact": artifact.get("key_hash"),
+                          "calibration": json.dumps(artifact, default=str)}
+                rows = [{**common, **row} for row in rows]
+                identity = {**self._identity(method, unit, settings[unit]), "stats": method.stats(),
+                            "host": platform.node()}
+                method.set_knob(None)
+                self.store.write(cells[unit], identity, rows, samples)
+                self.cells_written.append(cells[unit])
 
     def measure(self, method: Method, unit: str, settings: dict[str, Any]):
         if unit == "wikitext2":
