@@ -287,18 +287,14 @@ def plan(config: GateConfig) -> tuple[list[str], dict[str, str]]:
     return runnable, skipped
 
 
-def check_determinism(runner, task: str) -> dict[str, Any]:
-    """Score dense on `task` again and compare every per-item log-likelihood with the first run's, exactly."""
-    dense = runner.plan[0]
-    rows = runner.store.load_rows()
-    cells = rows[(rows["method"] == "dense") & (rows["task"] == task) & rows["cell"].isin(runner.run_cells)]
-    if cells.empty:
-        return {"task": task, "identical": False, "items": 0, "why": f"dense was not scored on {task}"}
-    first = runner.store.load_samples(cells["cell"].iloc[0])
-    _, again = runner.measure_accuracy(dense, task, {"limit": runner.config.limit})
-    a = [s["loglikelihoods"] for s in sorted(first, key=lambda s: s["doc_id"])]
-    b = [s["loglikelihoods"] for s in sorted(again, key=lambda s: s["doc_id"])]
-    return {"task": task, "identical": a == b, "items": len(a)}
+def determinism_record(rows, task: str) -> dict[str, Any]:
+    """The dense determinism unit's result (bench.units.measure_determinism), read from the study's rows."""
+    from bench.units import DETERMINISM
+
+    found = rows[(rows["task"] == DETERMINISM) & (rows["metric"] == f"identical:{task}")]
+    if found.empty:
+        return {"task": task, "identical": False, "items": 0, "why": f"no determinism cell for {task}"}
+    return {"task": task, "identical": bool(found["value"].iloc[0] == 1.0), "items": int(found["n"].iloc[0])}
 
 
 def run_config_dict(config: GateConfig) -> dict[str, Any]:
@@ -328,7 +324,8 @@ def run_gate(config_path: str | None = None, baseline_path: str | None = None, r
     run_config = RunConfig(model=r.model, methods=["dense", *methods], sparsities=[r.sparsity],
                            tasks=list(r.tasks), limit=r.limit, seed=r.seed, results=store_dir, force=True,
                            batch_size=r.batch_size, ppl_seq_len=r.ppl_seq_len, ppl_windows=r.ppl_windows,
-                           latency_seq_len=r.latency_seq_len, latency_repeats=1, decode_tokens=8, threads=r.threads, device="cpu", dtype="float32")
+                           latency_seq_len=r.latency_seq_len, latency_repeats=1, decode_tokens=8, threads=r.threads,
+                           device="cpu", dtype="float32", determinism_task=r.determinism_task)
     print(f"[gate] model={r.model} methods=dense,{','.join(methods)} sparsity={r.sparsity} tasks="
           f"{','.join(r.tasks)} limit={r.limit} ppl windows={r.ppl_windows}x{r.ppl_seq_len} threads={r.threads} "
           f"store={store_dir}", flush=True)
@@ -338,11 +335,11 @@ def run_gate(config_path: str | None = None, baseline_path: str | None = None, r
     rows = runner.store.load_rows()
     rows = rows[rows["cell"].isin(runner.run_cells)]
     summary = summarize(rows, runner.store)
-    determinism = runner.clock.timed("determinism", lambda: check_determinism(runner, r.determinism_task))
+    determinism = determinism_record(rows, r.determinism_task)
     current = {"format": BASELINE_FORMAT, "run": run_config_dict(config),
                "methods": gate_records(rows, summary), "determinism": determinism, "skipped": skipped,
-               "provenance": {k: runner._common()[k] for k in ("torch", "transformers", "lm_eval", "git_commit",
-                                                               "threads", "timestamp")}}
+               "provenance": {k: runner.provenance.columns()[k] for k in ("torch", "transformers", "lm_eval",
+                                                                          "git_commit", "threads", "timestamp")}}
     print()
     print(format_summary(summary))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in runner.clock.seconds.items())

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from bench.paired import ITEM_METRICS, bootstrap_p_value, holm, paired_item_metrics
-from bench.store import Store
+from bench.store import NON_TASK_UNITS, Store
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -33,7 +33,7 @@ def current_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def accuracy_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    acc = rows[~rows["task"].isin(["wikitext2", "efficiency"])]
+    acc = rows[~rows["task"].isin(NON_TASK_UNITS)]
     keep = acc.apply(lambda r: r["metric"] == primary_metric(r["task"]), axis=1) if len(acc) else []
     return acc[keep] if len(acc) else acc
 

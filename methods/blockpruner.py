@@ -26,8 +26,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DummyLayer
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
-from bench.flops import LayerFlopCoefficients
 from methods.base import CalibrationSet, Method, MethodConfigError, MethodStats
+from methods.flop_coefficients import LayerFlopCoefficients
 
 BLOCK_KINDS = ("mha", "mlp")
 Block = tuple[str, int]  # (kind, layer index): ("mha", 25) is layer 25's attention block

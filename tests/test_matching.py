@@ -174,7 +174,7 @@ def test_perplexity_ratio_is_one_for_dense_and_uses_the_same_positions():
 def test_every_method_is_matched_by_the_harness_rule(deep, name):
     """The harness's rule for each kind of method (fit to the lengths, or solve the knob on the inputs) brings c,
     counted with FlopCounterMode on every forward, within ±0.02 of the target on a 12-layer model."""
-    from bench.runner import fits_lengths
+    from bench.units import fits_lengths
 
     fields = {"blockpruner": {"search_steps": 12}}.get(name, {})
     method = _calibrated(name, deep, **fields) if make_method(name).needs_calibration \

@@ -80,6 +80,8 @@ def test_wikitext_sparsity_is_counted_on_every_window(tmp_path, monkeypatch, tin
     varies by input. Planted FLOPs: windows at sparsity 0.2, 0.3, 0.1."""
     import bench.perplexity
     from bench.flops import analytic_decoder_flops
+    from bench.units import CellContext
+    from bench.units.perplexity import measure_perplexity
 
     config = _config(tmp_path, methods=["dense"], tasks=["piqa"], ppl_windows=3, measure_efficiency=False)
     dense = analytic_decoder_flops(tiny_with_real_vocab.config, config.ppl_seq_len)
@@ -91,8 +93,8 @@ def test_wikitext_sparsity_is_counted_on_every_window(tmp_path, monkeypatch, tin
 
     monkeypatch.setattr(bench.perplexity, "counted_forward", fake_count)
     runner = Runner(config, model=tiny_with_real_vocab, tokenizer=real_tokenizer)
-    runner.device, runner.dense_layers = tiny_with_real_vocab.device, tiny_with_real_vocab.config.num_hidden_layers
-    rows = pd.DataFrame(runner.measure_perplexity(runner.plan[0], runner.unit_settings()["wikitext2"]))
+    context = CellContext(tiny_with_real_vocab, real_tokenizer, runner.tasks, config.limit, progress=False)
+    rows = pd.DataFrame(measure_perplexity(context, runner.plan[0], runner.unit_settings()["wikitext2"]))
     by_metric = rows.set_index("metric")
     assert rows["measured_sparsity"].tolist() == pytest.approx([0.2] * len(rows), abs=1e-6)  # all windows
     assert by_metric.loc["compute_sparsity", "value"] == pytest.approx(0.2, abs=1e-6)  # (0.2 + 0.3 + 0.1) / 3
@@ -168,3 +170,23 @@ def test_sdtp_scores_are_the_same_at_batch_1_and_16(tmp_path, tiny_with_real_voc
         if batch == 16:
             assert lm.engine.forwards < 32  # rows really were batched
     torch.testing.assert_close(torch.tensor(scores[1]), torch.tensor(scores[16]), rtol=0, atol=1e-4)
+
+
+def test_determinism_unit_is_a_dense_cell_and_catches_noise(tmp_path, tiny_with_real_vocab, real_tokenizer):
+    """The gate's determinism check is a unit of its study: dense only, stored like any cell; a model whose
+    scores move between two scorings reads identical = 0."""
+    from bench.units import DETERMINISM, CellContext, measure_determinism
+
+    config = _config(tmp_path, tasks=["piqa"], determinism_task="piqa", measure_ppl=False, measure_efficiency=False)
+    runner = Runner(config, model=tiny_with_real_vocab, tokenizer=real_tokenizer)
+    runner.run()
+    rows = runner.store.load_rows()
+    found = rows[rows["task"] == DETERMINISM]
+    assert found["method"].tolist() == ["dense"] and found["value"].tolist() == [1.0] and found["n"].tolist() == [3]
+    noise = tiny_with_real_vocab.lm_head.register_forward_hook(lambda m, a, out: out + 1e-3 * torch.randn_like(out))
+    try:
+        context = CellContext(tiny_with_real_vocab, real_tokenizer, ["piqa"], 3, progress=False)
+        (row,) = measure_determinism(context, runner.plan[0], {"task": "piqa", "limit": 3})
+    finally:
+        noise.remove()
+    assert row["value"] == 0.0

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.flops import LayerFlopCoefficients
 from methods.base import MethodConfigError
+from methods.flop_coefficients import LayerFlopCoefficients
 from methods.ftp.attention import FTP_ATTENTION, attention_received
 from methods.ftp.router import (
     POSITION_SCALES,

@@ -63,8 +63,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from bench.flops import LayerFlopCoefficients
 from methods.base import CalibrationSet, Knob, Method, MethodConfigError, MethodStats
+from methods.flop_coefficients import LayerFlopCoefficients
 from methods.ftp.block import ROUTERS, SELECTIONS, RoutingController, RoutingPolicy, routed_model
 from methods.ftp.measure import routing_summary, solve_scale
 from methods.ftp.router import TokenRouter, keep_count

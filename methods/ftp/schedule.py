@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from bench.flops import LayerFlopCoefficients
+from methods.flop_coefficients import LayerFlopCoefficients
 
 
 def token_sparsity_for_compute(compute_sparsity: float, config, seq_len: int) -> float:

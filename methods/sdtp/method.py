@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from bench.flops import LayerFlopCoefficients
 from methods.base import CalibrationSet, Knob, Method, MethodConfigError, MethodStats
+from methods.flop_coefficients import LayerFlopCoefficients
 from methods.sdtp.pruning import PruningRuntime, PruningStats, SaliencyPredictor, SDTPLayer
 
 PRESETS: dict[str, dict[str, Any]] = {

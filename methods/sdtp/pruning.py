@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bench.flops import LayerFlopCoefficients
 from methods.base import MethodConfigError, current_scoring
+from methods.flop_coefficients import LayerFlopCoefficients
 from methods.token_subsets import KeyPositions, additive_mask, sliding_window, visible_keys
 
 # Attention kernels for which `attention_mask=None` means plain causal attention during prefill.
