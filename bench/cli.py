@@ -61,6 +61,18 @@ def _limit(text: str) -> int | None:
     return value
 
 
+def _grid(text: str) -> list[tuple[int, int]]:
+    points = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        batch, _, length = item.lower().partition("x")
+        if not (batch.isdigit() and length.isdigit() and int(batch) > 0 and int(length) > 1):
+            raise argparse.ArgumentTypeError(f"expected BATCHxLENGTH points such as 1x128,4x512, got {item!r}")
+        points.append((int(batch), int(length)))
+    if not points:
+        raise argparse.ArgumentTypeError("empty grid; give points such as 1x128,4x512")
+    return points
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, local directory or HF id (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -87,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-seq-len", type=_positive, default=512)
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--latency-repeats", type=_positive, default=5)
+    p.add_argument("--latency-sweep", action="store_true",
+                   help="also measure prefill/decode speedup over batch × length (CPU: 1,4 × 128,512,1024; GPU: "
+                        "1,4,16 × 512,2048,4096) with 95%% CIs, a dense-vs-dense control and an `unstable` flag")
+    p.add_argument("--latency-grid", type=_grid, default=None, help="sweep points, e.g. 1x128,4x512 (with "
+                                                                     "--latency-sweep)")
+    p.add_argument("--sweep-max-rounds", type=_positive, default=30,
+                   help="cap on the interleaved rounds per sweep point (rounds grow until CIs are within ±3%%)")
     p.add_argument("--results", default="results", help="results store directory (default results/)")
     p.add_argument("--force", action="store_true", help="recompute cells that are already complete")
     p.add_argument("--no-progress", action="store_true")
@@ -157,7 +176,8 @@ def cmd_run(args) -> int:
                        results=args.results, force=args.force, batch_size=args.batch_size,
                        ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len,
                        latency_repeats=args.latency_repeats, threads=args.threads, progress=not args.no_progress,
-                       executor=args.executor, ray_address=args.ray_address, **extra)
+                       executor=args.executor, ray_address=args.ray_address, latency_sweep=args.latency_sweep,
+                       latency_grid=args.latency_grid, sweep_max_rounds=args.sweep_max_rounds, **extra)
     if args.dry_run:
         from bench.study import dry_run
 
@@ -180,7 +200,12 @@ def cmd_run(args) -> int:
         print("\nUnmatched cells (|c − target| > 0.02 on the scored inputs; left out of retention):")
         print(format_unmatched(unmatched))
     from bench.power import format_power, study_power
+    from bench.summary import format_latency_sweep, latency_sweep_table
 
+    sweep = latency_sweep_table(rows)
+    if len(sweep):
+        print("\nLatency sweep (speedup over dense, interleaved):")
+        print(format_latency_sweep(sweep))
     print("\n[power] " + format_power(study_power(rows, store)).replace("\n", "\n[power] "))
     print(f"\n[bench] {len(runner.cells_written)} cells computed, {len(runner.cells_skipped)} already complete "
           f"(resume), results in {config.results}/")
@@ -206,9 +231,11 @@ def cmd_table(args) -> int:
     if args.summary:
         from bench.summary import (
             current_rows,
+            format_latency_sweep,
             format_pairwise,
             format_summary,
             format_unmatched,
+            latency_sweep_table,
             pairwise_differences,
             summarize,
             unmatched_cells,
@@ -220,6 +247,10 @@ def cmd_table(args) -> int:
         print(format_unmatched(unmatched_cells(rows[rows["method"] != "dense"])))
         print("\nMethod against method (matched tasks only):")
         print(format_pairwise(pairwise_differences(rows, store)))
+        sweep = latency_sweep_table(rows)
+        if len(sweep):
+            print("\nLatency sweep (speedup over dense, interleaved):")
+            print(format_latency_sweep(sweep))
         return 0
     if args.format == "latex":
         from bench.summary import current_rows, pairwise_differences, summarize

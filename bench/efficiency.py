@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -131,3 +132,83 @@ def parameter_count(model) -> int:
     for p in model.parameters():
         seen[p.data_ptr()] = p.numel()
     return int(sum(seen.values()))
+
+
+# --- the latency sweep: speedups with confidence intervals that survive a noisy machine --------------------------
+CPU_GRID = tuple((b, n) for b in (1, 4) for n in (128, 512, 1024))
+GPU_GRID = tuple((b, n) for b in (1, 4, 16) for n in (512, 2048, 4096))
+HALF_WIDTH = 0.03  # repeats grow until every speedup's 95% CI is within ±3% of it, or the cap is reached
+
+
+def speedup_ci(baseline: np.ndarray, other: np.ndarray, samples: int = 2000, seed: int = 0) -> tuple[float, ...]:
+    """median(baseline) / median(other) for per-round timings of the same rounds, and its 95% CI by a bootstrap
+    over rounds (a round's two timings are resampled together: they share the machine's state at that moment)."""
+    baseline, other = np.asarray(baseline, float), np.asarray(other, float)
+    value = float(np.median(baseline) / np.median(other))
+    idx = np.random.default_rng(seed).integers(0, len(baseline), size=(samples, len(baseline)))
+    boot = np.median(baseline[idx], axis=1) / np.median(other[idx], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return value, float(lo), float(hi)
+
+
+def relative_half_width(ci: tuple[float, ...]) -> float:
+    value, lo, hi = ci
+    return (hi - lo) / 2 / value
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One (batch, length) point: prefill seconds and decode seconds per round, for dense, pruned and a second
+    dense run (the control: dense against itself, which must read 1.00)."""
+
+    prefill: dict[str, list[float]]
+    decode: dict[str, list[float]]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.prefill["dense"])
+
+    def prefill_speedup(self) -> tuple[float, ...]:
+        return speedup_ci(self.prefill["dense"], self.prefill["pruned"])
+
+    def decode_speedup(self) -> tuple[float, ...]:
+        return speedup_ci(self.decode["dense"], self.decode["pruned"])
+
+    def control(self) -> tuple[float, ...]:
+        return speedup_ci(self.prefill["dense"], self.prefill["control"])
+
+    def unstable(self) -> bool:
+        """The control's CI misses 1.00 (dense read faster or slower than itself: the machine drifted), or a CI
+        is still wider than ±HALF_WIDTH at the cap."""
+        _, lo, hi = self.control()
+        wide = max(relative_half_width(ci) for ci in (self.prefill_speedup(), self.decode_speedup(), self.control()))
+        return not lo <= 1.0 <= hi or wide > HALF_WIDTH
+
+
+def sweep_point(model, pruned: Callable[[], AbstractContextManager], input_ids: torch.Tensor, new_tokens: int,
+                min_rounds: int = 5, max_rounds: int = 30, step: int = 5, warmup: int = 1) -> SweepPoint:
+    """Rounds of dense, pruned and the dense control, in an order that rotates every round (so no slot favours
+    one of them), until every speedup's CI is within ±HALF_WIDTH (checked after `min_rounds`, then every `step`
+    rounds) or `max_rounds` is reached."""
+    timer = Timer(input_ids.device)
+    prefill_s: dict[str, list[float]] = {"dense": [], "pruned": [], "control": []}
+    decode_s: dict[str, list[float]] = {"dense": [], "pruned": [], "control": []}
+    kinds = ("dense", "pruned", "control")
+    rnd = 0
+    while True:
+        for kind in kinds[rnd % 3:] + kinds[:rnd % 3]:
+            if kind == "pruned":
+                with pruned() as m:
+                    p = timer(lambda m=m: prefill(m, input_ids))
+                    d = timer(decode(m, input_ids, new_tokens))
+            else:
+                p = timer(lambda: prefill(model, input_ids))
+                d = timer(decode(model, input_ids, new_tokens))
+            if rnd >= warmup:
+                prefill_s[kind].append(p)
+                decode_s[kind].append(d)
+        rnd += 1
+        done = rnd - warmup
+        if done >= max_rounds or (done >= min_rounds and (done - min_rounds) % step == 0 and not SweepPoint(
+                prefill_s, decode_s).unstable()):
+            return SweepPoint(prefill_s, decode_s)

@@ -183,7 +183,7 @@ def adds_bos(tokenizer) -> bool:
     """Does the model's tokenizer start every text with BOS (Gemma: yes; SmolLM2: no)? Windows of raw text
     (perplexity, calibration) then start with BOS too, as lm-eval's requests do: without it Gemma 3's perplexity
     more than doubles."""
-    bos = tokenizer.bos_token_id
+    bos = getattr(tokenizer, "bos_token_id", None)  # a tokenizer without one (or a test's stand-in): no BOS
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 

@@ -21,9 +21,11 @@ from bench.store import Store  # noqa: E402
 from bench.summary import (  # noqa: E402
     accuracy_rows,
     current_rows,
+    format_latency_sweep,
     format_pairwise,
     format_summary,
     format_unmatched,
+    latency_sweep_table,
     pairwise_differences,
     summarize,
     unmatched_cells,
@@ -187,6 +189,38 @@ def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+def fig_latency_sweep(rows: pd.DataFrame, path: Path) -> bool:
+    """Prefill speedup vs sequence length per method (one line per batch size), 95% CI bars, the ideal 1/(1 − c)
+    dashed; unstable points hollow. False (no figure) when the store has no sweep."""
+    table = latency_sweep_table(rows)
+    if table.empty:
+        return False
+    models = sorted(table["model"].unique())
+    colours = _colours(table["method"])
+    fig, axes = _panels(models, "Prefill speedup vs length (latency sweep; hollow = unstable; dashed = 1/(1 − c))")
+    for model, ax in axes.items():
+        for (method, batch), g in table[table["model"] == model].groupby(["method", "batch"]):
+            g = g.sort_values("seq_len")
+            style = "-" if batch == table["batch"].min() else ":"
+            ax.plot(g["seq_len"], g["prefill_speedup"], style, color=colours[method], label=f"{method} (batch {batch})")
+            ax.errorbar(g["seq_len"], g["prefill_speedup"], ls="none", color=colours[method], capsize=2,
+                        yerr=np.vstack([g["prefill_speedup"] - g["prefill_speedup_lo"],
+                                        g["prefill_speedup_hi"] - g["prefill_speedup"]]))
+            for stable, marker_face in ((True, colours[method]), (False, "none")):
+                pts = g[g["unstable"] != stable]
+                ax.scatter(pts["seq_len"], pts["prefill_speedup"], facecolors=marker_face, edgecolors=colours[method],
+                           zorder=3)
+            ax.plot(g["seq_len"], 1 / (1 - g["compute_sparsity"]), "--", color=colours[method], lw=0.8, alpha=0.6)
+        ax.axhline(1.0, color="black", lw=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_title(model)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("prefill speedup over dense")
+    _legend_outside(fig, axes.values())
+    _save(fig, path)
+    return True
+
+
 FIGURES = {
     "retention_vs_sparsity.png": ("summary", fig_retention),
     "retention_vs_speedup.png": ("summary", fig_pareto),
@@ -263,6 +297,11 @@ def write_report(results: str, out: str) -> list[Path]:
     for name, (source, draw) in FIGURES.items():
         draw(summary if source == "summary" else rows, out_dir / name)
         figures.append(out_dir / name)
+    sweep_path = out_dir / "latency_sweep.png"
+    sweep_path.unlink(missing_ok=True)  # a figure from an earlier store must not linger
+    if fig_latency_sweep(rows, sweep_path):
+        figures.append(sweep_path)
+    sweep_text = format_latency_sweep(latency_sweep_table(rows))
     models = sorted(rows["model"].dropna().unique())
     commits = ", ".join(sorted(rows["git_commit"].dropna().unique()))
     acc = accuracy_rows(rows)
@@ -303,6 +342,7 @@ def write_report(results: str, out: str) -> list[Path]:
                      "### Summary", "", "```", summary_text, "```", "", "### Unmatched cells", "", "```",
                      unmatched_text, "```", "", "### Method against method", "", pairwise_note, "", "```",
                      pairwise_text, "```", ""]
+    markdown += ["## Latency sweep", "", "```", sweep_text, "```", ""]
     markdown += ["## Figures", "", "One panel per model.", "", *[f"![{p.stem}]({p.name})" for p in figures], ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(markdown))
@@ -315,6 +355,7 @@ def write_report(results: str, out: str) -> list[Path]:
                  "<h3>Summary</h3>", _pre(summary_text), "<h3>Method against method</h3>",
                  f"<p>{html.escape(pairwise_note)}</p>", _pre(pairwise_text), "<h3>Unmatched cells</h3>",
                  _pre(unmatched_text)]
+    page += ["<h2>Latency sweep</h2>", _pre(sweep_text)]
     page += ["<h2>Figures</h2><p>One panel per model.</p>",
              # a self-check a browser can read: how many figures decoded (the report test reads it)
              "<script>window.addEventListener('load',()=>{const i=[...document.images];document.body.dataset"

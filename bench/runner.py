@@ -17,13 +17,14 @@ from tqdm.auto import tqdm
 
 from bench.artifacts import ensure_calibrated
 from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS
+from bench.efficiency import CPU_GRID, GPU_GRID
 from bench.errors import BenchError
 from bench.matching import PROTOCOL
 from bench.models import cpu_threads, load_model, validate_model_name
 from bench.provenance import BENCH_VERSION, Provenance
 from bench.store import Store, cell_hash
 from bench.study import overrides_for
-from bench.units import DETERMINISM, CellContext, fits_lengths, measure
+from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
 from methods import Method, MethodConfigError, make_method
 
 
@@ -50,6 +51,9 @@ class RunConfig:
     measure_efficiency: bool = True
     measure_ppl: bool = True
     progress: bool = True
+    latency_sweep: bool = False  # the latency-sweep unit (bench.units.latency) for every pruned method
+    latency_grid: list[tuple[int, int]] | None = None  # (batch, seq_len) points; None: CPU_GRID or GPU_GRID
+    sweep_max_rounds: int = 30
     determinism_task: str | None = None  # a task dense is scored on twice, compared exactly (the gate sets it)
     executor: str = "local"  # "local": in this process; "ray": one Ray task per group of cells (bench.executors)
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
@@ -135,6 +139,11 @@ class Runner:
             units["efficiency"] = {"batch": c.latency_batch, "seq_len": c.latency_seq_len,
                                    "repeats": c.latency_repeats, "decode_tokens": c.decode_tokens,
                                    "protocol": PROTOCOL}
+        if c.latency_sweep and method is not None and method.registry_name != "dense":
+            grid = c.latency_grid or (GPU_GRID if self.provenance and self.provenance.device.startswith("cuda")
+                                      else CPU_GRID)
+            units[LATENCY_SWEEP] = {"grid": [list(p) for p in grid], "decode_tokens": c.decode_tokens,
+                                    "min_rounds": 5, "max_rounds": c.sweep_max_rounds, "protocol": PROTOCOL}
         if c.determinism_task and method is not None and method.registry_name == "dense":
             units[DETERMINISM] = {"task": c.determinism_task, "limit": c.limit, "batch_size": c.batch_size,
                                   "protocol": PROTOCOL}

@@ -44,7 +44,7 @@ SCHEMA: dict[str, str] = {
     "matched": "boolean", "knob": "string", "knob_value": "float64", "unmatched_reason": "string",
 }
 ROWS, IDENTITY, SAMPLES = "rows.parquet", "_cell.json", "_samples.jsonl.gz"
-NON_TASK_UNITS = ("wikitext2", "efficiency", "determinism")  # units without per-item samples
+NON_TASK_UNITS = ("wikitext2", "efficiency", "determinism", "latency_sweep")  # units without per-item samples
 
 
 def cell_hash(identity: dict[str, Any]) -> str:

@@ -268,3 +268,48 @@ def format_unmatched(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(every cell is matched: |c − target| <= 0.02 on the scored inputs)"
     return frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
+
+
+SWEEP_METRICS = ("prefill_speedup", "decode_speedup", "control_speedup")
+
+
+def latency_sweep_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per (model, method, target, batch, seq_len) of the latency-sweep unit: each speedup with its CI,
+    the dense-vs-dense control, c at that point, the rounds timed and the `unstable` flag."""
+    sweep = rows[rows["task"] == "latency_sweep"]
+    if sweep.empty:
+        return pd.DataFrame()
+    keys = ["model", "method", "target_sparsity", "batch", "seq_len"]
+    wide = sweep.pivot_table(index=keys, columns="metric", values="value", aggfunc="last").reset_index()
+    rounds = sweep.groupby(keys)["n"].max().reset_index(name="rounds")
+    wide = wide.merge(rounds, on=keys)
+    wide["unstable"] = wide["unstable"].astype(bool)
+    return wide.sort_values(keys).reset_index(drop=True)
+
+
+def format_latency_sweep(frame: pd.DataFrame) -> str:
+    """Speedups with 95% CIs; a point whose control strays from 1.00 (or whose CIs stayed wide) prints as
+    `unstable` with its control instead of a speedup."""
+    if frame.empty:
+        return "(no latency sweep in the store: run with --latency-sweep)"
+
+    def ci(row, name: str) -> str:
+        return f"{row[name]:.2f} [{row[name + '_lo']:.2f}, {row[name + '_hi']:.2f}]"
+
+    lines = []
+    for _, row in frame.iterrows():
+        line = {"model": row["model"], "method": row["method"], "target": row["target_sparsity"],
+                "batch": int(row["batch"]), "seq_len": int(row["seq_len"]), "c": f"{row['compute_sparsity']:.3f}",
+                "ideal 1/(1-c)": f"{1 / (1 - row['compute_sparsity']):.2f}", "rounds": int(row["rounds"])}
+        if row["unstable"]:
+            line["prefill speedup (95% CI)"] = line["decode speedup (95% CI)"] = "unstable"
+        else:
+            line["prefill speedup (95% CI)"] = ci(row, "prefill_speedup")
+            line["decode speedup (95% CI)"] = ci(row, "decode_speedup")
+        line["dense vs dense control"] = ci(row, "control_speedup")
+        lines.append(line)
+    table = pd.DataFrame(lines)
+    if table["model"].nunique() == 1:
+        table = table.drop(columns="model")
+    return table.to_string(index=False) + ("\n(unstable: the dense-vs-dense control's 95% CI misses 1.00, or a CI "
+                                           "stayed wider than ±3% at the round cap; rerun on a quieter machine)")

@@ -1,6 +1,6 @@
 """The measurements a cell holds, as functions of (context, method, settings): `measure_accuracy` (one lm-eval
 task), `measure_perplexity` (WikiText-2), `measure_efficiency` (FLOPs, latency, memory) and `measure_determinism`
-(dense scored twice on one task, compared exactly). `measure` dispatches on the unit's name."""
+(dense scored twice on one task, compared exactly) and `measure_latency_sweep` (bench.units.latency). `measure` dispatches on the unit's name."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from bench.units.context import CellContext, fits_lengths
 from methods import Method
 
 DETERMINISM = "determinism"
+LATENCY_SWEEP = "latency_sweep"  # (bench.units.latency imports torch-heavy code lazily)
 
 
 def measure_determinism(ctx: CellContext, method: Method, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -38,9 +39,13 @@ def measure(ctx: CellContext, method: Method, unit: str, settings: dict[str, Any
         return measure_efficiency(ctx, method, settings), None
     if unit == DETERMINISM:
         return measure_determinism(ctx, method, settings), None
+    if unit == LATENCY_SWEEP:
+        from bench.units.latency import measure_latency_sweep
+
+        return measure_latency_sweep(ctx, method, settings), None
     from bench.units.accuracy import measure_accuracy
 
     return measure_accuracy(ctx, method, unit, settings)
 
 
-__all__ = ["CellContext", "DETERMINISM", "fits_lengths", "measure", "measure_determinism"]
+__all__ = ["CellContext", "DETERMINISM", "LATENCY_SWEEP", "fits_lengths", "measure", "measure_determinism"]
