@@ -221,6 +221,54 @@ def fig_latency_sweep(rows: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def layer_profiles(rows: pd.DataFrame, store: Store) -> dict[str, pd.DataFrame]:
+    """Per model: rows = method@target (BlockPruner split into its MHA and MLP blocks), columns = decoder layers,
+    values = the fraction of tokens the layer (block) computed on the WikiText-2 windows, as the method reported it
+    in the cell (`stats`: removed layers and blocks are 0, routed or dropped tokens lower it)."""
+    wiki = rows[(rows["task"] == "wikitext2") & (rows["method"] != "dense")].drop_duplicates("cell")
+    out: dict[str, pd.DataFrame] = {}
+    for model, group in wiki.groupby("model"):
+        lines = {}
+        for r in group.sort_values(["method", "target_sparsity"]).itertuples():
+            stats = store.load_identity(r.cell).get("stats", {})
+            label = _label(r.method, r.target_sparsity)
+            fractions = stats.get("per_layer_computed_fraction") or []
+            if "blocks_removed" in stats and fractions:
+                layers = len(fractions)
+                for kind in ("mha", "mlp"):
+                    gone = {int(i) for k, i in stats["blocks_removed"] if k == kind}
+                    lines[f"{label} {kind.upper()}"] = [0.0 if i in gone else 1.0 for i in range(layers)]
+            elif fractions:
+                lines[label] = [float(f) for f in fractions]
+        if lines:
+            width = max(len(v) for v in lines.values())
+            out[str(model)] = pd.DataFrame({k: v + [np.nan] * (width - len(v)) for k, v in lines.items()}).T
+    return out
+
+
+def fig_layer_profile(profiles: dict[str, pd.DataFrame], path: Path) -> bool:
+    """What each method did, per layer, as a heat map: 1 = every token computed, 0 = removed."""
+    if not profiles:
+        return False
+    models = sorted(profiles)
+    height = max(2.0, 0.45 * max(len(p) for p in profiles.values()) + 1.4)
+    fig, axes = plt.subplots(len(models), 1, figsize=(11, height * len(models)), squeeze=False)
+    fig.suptitle("Fraction of tokens each decoder layer computed (WikiText-2 windows; 0 = removed)")
+    for ax, model in zip(axes[:, 0], models, strict=True):
+        profile = profiles[model]
+        image = ax.imshow(profile.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                          interpolation="nearest")
+        ax.set_yticks(range(len(profile)), profile.index, fontsize=8)
+        ax.set_xticks(range(profile.shape[1]), [str(i) for i in range(profile.shape[1])], fontsize=7)
+        ax.set_xlabel("decoder layer")
+        ax.set_title(model)
+        fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 FIGURES = {
     "retention_vs_sparsity.png": ("summary", fig_retention),
     "retention_vs_speedup.png": ("summary", fig_pareto),
@@ -297,6 +345,10 @@ def write_report(results: str, out: str) -> list[Path]:
     for name, (source, draw) in FIGURES.items():
         draw(summary if source == "summary" else rows, out_dir / name)
         figures.append(out_dir / name)
+    profile_path = out_dir / "layer_profile.png"
+    profile_path.unlink(missing_ok=True)
+    if fig_layer_profile(layer_profiles(rows, store), profile_path):
+        figures.append(profile_path)
     sweep_path = out_dir / "latency_sweep.png"
     sweep_path.unlink(missing_ok=True)  # a figure from an earlier store must not linger
     if fig_latency_sweep(rows, sweep_path):

@@ -189,6 +189,14 @@ class Store:
                                  "`python -m bench run` to recompute it") from exc
         return to_frame(pd.concat(frames, ignore_index=True))
 
+    def load_identity(self, cell: str) -> dict[str, Any]:
+        """What made the cell (method, params, unit, settings) and what the method reported doing (`stats`)."""
+        try:
+            return json.loads((self.cell_dir(cell) / IDENTITY).read_text())["identity"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise BenchError(f"results entry {self.cell_dir(cell)} is corrupt ({exc}); rerun the same "
+                             "`python -m bench run` to recompute it") from exc
+
     def load_samples(self, cell: str) -> list[dict[str, Any]]:
         path = self.cell_dir(cell) / SAMPLES
         if not path.is_file():

@@ -52,11 +52,27 @@ def test_report_has_a_section_and_a_panel_per_model(two_model_store, tmp_path):
         assert f"## {model}" in markdown and f"<h2>{model}</h2>" in page
     assert "## What is real" in markdown and markdown.count(" at c = 0.25:") == 2
     images = re.findall(r"src='data:image/png;base64,", page)
-    assert len(images) == 5 and "src='http" not in page and "src='/" not in page  # self-contained
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "layer_profile.png" in pngs and "retention_vs_speedup.png" in pngs
+    assert len(images) == len(pngs) == 6 and "src='http" not in page and "src='/" not in page  # self-contained
     assert page.count("<table") == 2  # one paper-style table per model
-    for png in out.glob("*.png"):  # two panels side by side: wider than one
+    for png in set(out.glob("*.png")) - {out / "layer_profile.png"}:  # two panels side by side: wider than one
         width, height = Image.open(png).size
         assert width > 1.6 * height, png.name
+
+
+def test_layer_profile_shows_what_each_method_removed(two_model_store):
+    from bench.report import layer_profiles
+    from bench.store import Store
+    from bench.summary import current_rows
+
+    store = Store(two_model_store)
+    profiles = layer_profiles(current_rows(store.load_rows()), store)
+    assert sorted(profiles) == list(MODELS)
+    for profile in profiles.values():  # 4 layers at c = 0.25: ShortGPT and random each remove exactly one
+        assert sorted(profile.index) == ["random@0.25", "shortgpt@0.25"]
+        assert (profile.to_numpy() == 0).sum(axis=1).tolist() == [1, 1]
+        assert (profile.to_numpy() == 1).sum(axis=1).tolist() == [3, 3]
 
 
 def test_table_latex_prints_one_table_per_model(two_model_store, capsys):
@@ -84,7 +100,7 @@ def test_html_report_renders_in_headless_chromium(two_model_store, tmp_path):
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
     dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True,
                          timeout=120, check=True).stdout
-    assert 'data-figures-loaded="5"' in dom and 'data-figures="5"' in dom  # every <img> decoded
+    assert 'data-figures-loaded="6"' in dom and 'data-figures="6"' in dom  # every <img> decoded
     shot = tmp_path / "shot.png"
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,2400", url], capture_output=True,
                    timeout=120, check=True)
