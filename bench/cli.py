@@ -61,6 +61,16 @@ def _limit(text: str) -> int | None:
     return value
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from exc
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers such as 0,1,2, got {text!r}")
+    return values
+
+
 def _grid(text: str) -> list[tuple[int, int]]:
     points = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
@@ -99,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-seq-len", type=_positive, default=512)
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--latency-repeats", type=_positive, default=5)
+    p.add_argument("--calibration-seeds", type=_ints, default=None,
+                   help="calibrate and measure every pruned method once per seed, e.g. 0,1,2; the summary's CI then "
+                        "combines item and seed variance and shows the seeds' spread")
     p.add_argument("--latency-sweep", action="store_true",
                    help="also measure prefill/decode speedup over batch × length (CPU: 1,4 × 128,512,1024; GPU: "
                         "1,4,16 × 512,2048,4096) with 95%% CIs, a dense-vs-dense control and an `unstable` flag")
@@ -177,7 +190,8 @@ def cmd_run(args) -> int:
                        ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len,
                        latency_repeats=args.latency_repeats, threads=args.threads, progress=not args.no_progress,
                        executor=args.executor, ray_address=args.ray_address, latency_sweep=args.latency_sweep,
-                       latency_grid=args.latency_grid, sweep_max_rounds=args.sweep_max_rounds, **extra)
+                       latency_grid=args.latency_grid, sweep_max_rounds=args.sweep_max_rounds,
+                       calibration_seeds=args.calibration_seeds, **extra)
     if args.dry_run:
         from bench.study import dry_run
 

@@ -49,7 +49,8 @@ def _calibrate(config, index: int) -> dict:
     model, tokenizer = load_model(config.model, config.device, config.dtype)
     with cpu_threads(model, config.threads):
         start = time.perf_counter()
-        meta = ensure_calibrated(runner.plan[index], model, tokenizer, config.model, seed=config.seed)
+        method = runner.plan[index]
+        meta = ensure_calibrated(method, model, tokenizer, config.model, seed=method.seed)
     return {**meta, "seconds": time.perf_counter() - start}
 
 
@@ -68,7 +69,7 @@ def _artifact_hash(method, config) -> str | None:
 
     if not method.needs_calibration:
         return None
-    return key_hash(artifact_key(config.model, method, CalibrationSettings.for_method(method, config.seed)))
+    return key_hash(artifact_key(config.model, method, CalibrationSettings.for_method(method, method.seed)))
 
 
 def run_on_ray(runner) -> list[str]:
@@ -102,7 +103,7 @@ def run_on_ray(runner) -> list[str]:
         for index, method in enumerate(runner.plan):
             digest = _artifact_hash(method, config)
             if digest is not None and digest not in artifacts and not config.force \
-                    and not artifact_exists(method, config.model, config.seed):
+                    and not artifact_exists(method, config.model, method.seed):
                 artifacts[digest] = calibrate.remote(worker, index)
         pending = {group.remote(worker, i, *([artifacts[d]] if (d := _artifact_hash(m, config)) in artifacts
                                              else [])): i

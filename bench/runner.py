@@ -38,6 +38,9 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    # several seeds per pruned method (calibration sample order, router/predictor init, random layers): the summary
+    # then combines item and seed variance; None: `seed` only
+    calibration_seeds: list[int] | None = None
     results: str = "results"
     force: bool = False
     batch_size: int = 16
@@ -69,15 +72,17 @@ def plan_methods(config: RunConfig) -> list[Method]:
             raise BenchError(f"sparsity must be in [0, 1), got {s}; e.g. --sparsity 0.25,0.4")
     names = [n for n in config.methods if n != "dense"]
     plan = [make_method("dense", seed=config.seed)]
+    seeds = config.calibration_seeds or [config.seed]
     for name in names:
         fields = overrides_for(name, config.method_fields)
         calibration = overrides_for(name, config.calibration)
         for s in config.sparsities:
-            method = make_method(name, **{"sparsity": s, "seed": config.seed, **fields})
-            if calibration:  # the calibration text this method is given (part of its artifact key and cells)
-                method.default_calibration = {**type(method).default_calibration, **calibration}
-                method.calibration_override = calibration
-            plan.append(method)
+            for seed in seeds:
+                method = make_method(name, **{"sparsity": s, "seed": seed, **fields})
+                if calibration:  # the calibration text this method is given (part of its artifact key and cells)
+                    method.default_calibration = {**type(method).default_calibration, **calibration}
+                    method.calibration_override = calibration
+                plan.append(method)
     return plan
 
 
@@ -197,7 +202,7 @@ class Runner:
         if not pending:
             return
         artifact = self.clock.timed(f"calibrate {method.registry_name}", lambda m=method: ensure_calibrated(
-            m, self.model, self.tokenizer, c.model, seed=c.seed, force=False))
+            m, self.model, self.tokenizer, c.model, seed=m.seed, force=False))
         for unit in pending:
             with self.store.claim(cells[unit], force=c.force) as owned:  # another process may hold it
                 if not owned:
@@ -209,6 +214,7 @@ class Runner:
                 common = {**self.provenance.columns(), "cell": cells[unit], "method": method.registry_name,
                           "method_params": json.dumps(method.config(), sort_keys=True, default=str),
                           "target_sparsity": method.sparsity, "artifact": artifact.get("key_hash"),
+                          "calibration_seed": None if method.registry_name == "dense" else method.seed,
                           "calibration": json.dumps(artifact, default=str)}
                 rows = [{**common, **row} for row in rows]
                 identity = {**self._identity(method, unit, settings[unit]), "stats": method.stats(),

@@ -37,7 +37,7 @@ SCHEMA: dict[str, str] = {
     "target_sparsity": "float64", "measured_sparsity": "float64",
     "task": "string", "metric": "string", "value": "float64", "stderr": "float64", "n": "Int64",
     "limit": "Int64", "batch": "Int64", "seq_len": "Int64",
-    "batch_size": "Int64", "seed": "Int64", "device": "string", "dtype": "string", "threads": "Int64",
+    "batch_size": "Int64", "seed": "Int64", "calibration_seed": "Int64", "device": "string", "dtype": "string", "threads": "Int64",
     "torch": "string", "transformers": "string", "lm_eval": "string", "bench": "string", "git_commit": "string",
     "artifact": "string", "calibration": "string", "timestamp": "string",
     # the matching protocol (bench.matching): |measured − target| <= 0.02, the knob solved or fitted, and why not

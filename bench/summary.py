@@ -91,6 +91,57 @@ def bootstrap_retentions(store: Store, dense_cells: dict[str, str], method_cells
     return retention, boot
 
 
+def seeded_bootstrap(store: Store, dense_cells: dict[str, str], methods: list[dict[int, dict[str, str]]],
+                     seed: int) -> tuple[list[float], np.ndarray, list[np.ndarray]] | None:
+    """Retention with calibration seeds: (mean over seeds of each method's retention, two-level bootstrap
+    retentions [methods, samples], each method's per-seed retentions). Each resample draws the items of every task
+    (the same for dense and every seed of every method: paired) and then, per method, as many seeds as it has
+    with replacement; the item-and-seed variance both enter the CI."""
+    rng = np.random.default_rng(seed)
+    flat = [cells for m in methods for cells in m.values()]
+    dense_t: list[np.ndarray] = []
+    per: list[list[list[np.ndarray]]] = [[[] for _ in m] for m in methods]
+    for task in flat[0]:
+        if task not in dense_cells or not all(task in cells for cells in flat):
+            continue
+        metric = primary_metric(task)
+        dense = _item_scores(store, dense_cells[task], metric)
+        scored = [[_item_scores(store, cells[task], metric) for cells in m.values()] for m in methods]
+        ids = sorted(set(dense).intersection(*(set(x) for xs in scored for x in xs)))
+        if not ids:
+            continue
+        dense_t.append(np.array([dense[i] for i in ids]))
+        for mi, xs in enumerate(scored):
+            for si, x in enumerate(xs):
+                per[mi][si].append(np.array([x[i] for i in ids]))
+    if not dense_t:
+        return None
+    idx = [rng.integers(0, len(d), size=(BOOTSTRAP_SAMPLES, len(d))) for d in dense_t]
+    dense_mean = float(np.mean([d.mean() for d in dense_t]))
+    dense_boot = np.mean([d[i].mean(axis=1) for d, i in zip(dense_t, idx, strict=True)], axis=0)
+    points, boots, spreads = [], [], []
+    for mi, m in enumerate(methods):
+        by_seed = np.array([np.mean([a.mean() for a in per[mi][si]]) / dense_mean if dense_mean > 0 else np.nan
+                            for si in range(len(m))])
+        seed_boot = np.array([np.mean([a[i].mean(axis=1) for a, i in zip(per[mi][si], idx, strict=True)], axis=0)
+                              for si in range(len(m))])  # [seeds, samples]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            seed_boot = np.where(dense_boot > 0, seed_boot / dense_boot, np.nan)
+        pick = rng.integers(0, len(m), size=(BOOTSTRAP_SAMPLES, len(m)))
+        boots.append(np.take_along_axis(seed_boot.T, pick, axis=1).mean(axis=1))
+        points.append(float(by_seed.mean()))
+        spreads.append(by_seed)
+    return points, np.array(boots), spreads
+
+
+def _seed_cells(acc: pd.DataFrame) -> dict[int, dict[str, str]]:
+    """{calibration seed: {task: cell}} (cells written before seeds were recorded count as one seed, -1)."""
+    if "calibration_seed" not in acc:
+        return {-1: dict(zip(acc["task"], acc["cell"], strict=False))}
+    seeds = acc["calibration_seed"].fillna(-1).astype(int)
+    return {int(s): dict(zip(g["task"], g["cell"], strict=False)) for s, g in acc.groupby(seeds)}
+
+
 def _interval(samples: np.ndarray) -> tuple[float, float]:
     """95% percentile interval; NaN (printed "CI n/a") when over 5% of the resamples have no value (dense scored 0
     on them: too few items)."""
@@ -157,13 +208,26 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         g_acc = matched_only(g_all)
         d_acc = dense_accuracy(all_acc, model, seed, device, dtype, set(g_acc["limit"].dropna()))
         d_acc = d_acc[d_acc["task"].isin(g_acc["task"])]
-        pruned_cells = dict(zip(g_acc["task"], g_acc["cell"], strict=False))
         dense_cells = dict(zip(d_acc["task"], d_acc["cell"], strict=False))
-        retention, lo, hi = paired_retention(store, dense_cells, pruned_cells, seed=int(seed))
-        items = item_metrics_against_dense(store, dense_cells, pruned_cells, seed=int(seed))
-        eff = group[group["task"] == "efficiency"].set_index("metric")["value"]
+        by_seed = _seed_cells(g_acc) if len(g_acc) else {}
+        seed_values = np.array([])
+        if len(by_seed) > 1:
+            (retention,), boot, (seed_values,) = seeded_bootstrap(store, dense_cells, [by_seed], int(seed)) \
+                or ([np.nan], np.full((1, 1), np.nan), [np.array([])])
+            lo, hi = _interval(boot[0])
+            per_seed = [item_metrics_against_dense(store, dense_cells, cells, seed=int(seed))
+                        for cells in by_seed.values()]
+            # the mean over seeds, with the widest of the seeds' item CIs
+            items = {m: (float(np.mean([x[m][0] for x in per_seed])), min(x[m][1] for x in per_seed),
+                         max(x[m][2] for x in per_seed)) for m in ITEM_METRICS}
+        else:
+            pruned_cells = dict(zip(g_acc["task"], g_acc["cell"], strict=False))
+            retention, lo, hi = paired_retention(store, dense_cells, pruned_cells, seed=int(seed))
+            items = item_metrics_against_dense(store, dense_cells, pruned_cells, seed=int(seed))
+        # several calibration seeds: their mean (one seed: its value)
+        eff = group[group["task"] == "efficiency"].groupby("metric")["value"].mean()
         wiki_rows = group[group["task"] == "wikitext2"]
-        wiki = wiki_rows.groupby("metric")["value"].first()
+        wiki = wiki_rows.groupby("metric")["value"].mean()
         tasks_sparsity = g_all["measured_sparsity"].astype(float)
         out.append({
             "method": method, "target": target,
@@ -178,6 +242,9 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
             "mean_acc": g_acc["value"].mean() if len(g_acc) else np.nan,
             "tasks": len(g_acc),
             "retention": retention, "ret_lo": lo, "ret_hi": hi,
+            "seeds": max(len(by_seed), 1) if method != "dense" else 1,
+            "seed_min": float(seed_values.min()) if len(seed_values) else np.nan,
+            "seed_max": float(seed_values.max()) if len(seed_values) else np.nan,
             **{f"{m}{suffix}": items[m][i] for m in ITEM_METRICS for i, suffix in enumerate(("", "_lo", "_hi"))},
             "ppl": wiki.get("ppl", np.nan),
             "ppl_ratio": wiki.get("ppl_ratio", np.nan),
@@ -203,12 +270,19 @@ def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         model, target, seed, device, dtype, limit = key
         dense = dense_accuracy(acc, model, seed, device, dtype, {limit})
         dense_cells = dict(zip(dense["task"], dense["cell"], strict=False))
-        cells = {m: dict(zip(g["task"], g["cell"], strict=False)) for m, g in group.groupby("method")
-                 if m != "dense"}
-        names = sorted(cells)
+        seeded = {m: _seed_cells(g) for m, g in group.groupby("method") if m != "dense"}
+        names = sorted(seeded)
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                diff, lo, hi, p = retention_difference_test(store, dense_cells, cells[a], cells[b], seed=int(seed))
+                if len(seeded[a]) == 1 and len(seeded[b]) == 1:
+                    (cells_a,), (cells_b,) = seeded[a].values(), seeded[b].values()
+                    diff, lo, hi, p = retention_difference_test(store, dense_cells, cells_a, cells_b, seed=int(seed))
+                else:  # two-level: items and each method's seeds resampled
+                    result = seeded_bootstrap(store, dense_cells, [seeded[a], seeded[b]], int(seed))
+                    if result is None:
+                        continue
+                    (ra, rb), boot, _ = result
+                    diff, (lo, hi), p = ra - rb, _interval(boot[0] - boot[1]), bootstrap_p_value(boot[0] - boot[1])
                 if np.isfinite(diff):
                     out.append({"model": model, "target": target, "a": a, "b": b, "retention_a_minus_b": diff,
                                 "lo": lo, "hi": hi, "ci_excludes_0": bool(np.isfinite(lo) and (lo > 0 or hi < 0)),
@@ -259,8 +333,13 @@ def format_summary(frame: pd.DataFrame) -> str:
         shown[label] = ["-" if method == "dense" or not np.isfinite(v) else fmt.format(v, lo, hi)
                         for method, v, lo, hi in zip(shown["method"], shown[name], shown[f"{name}_lo"],
                                                      shown[f"{name}_hi"], strict=True)]
+    with_seeds = "seeds" in shown and (shown["seeds"] > 1).any()
+    if with_seeds:
+        shown["seeds [retention min, max]"] = [
+            f"{int(n)} [{a:.3f}, {b:.3f}]" if n > 1 else str(int(n))
+            for n, a, b in zip(shown["seeds"], shown["seed_min"], shown["seed_max"], strict=True)]
     cols = ["method", "target", "c tasks [min, max]", "matched", "c wiki", "c(probe)", "mean_acc",
-            "retention (95% CI)", "flips vs dense", "KL vs dense", "agree", "ppl", "ppl_ratio", "prefill_speedup"]
+            "retention (95% CI)", *(["seeds [retention min, max]"] if with_seeds else []), "flips vs dense", "KL vs dense", "agree", "ppl", "ppl_ratio", "prefill_speedup"]
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 

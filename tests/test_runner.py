@@ -190,3 +190,24 @@ def test_determinism_unit_is_a_dense_cell_and_catches_noise(tmp_path, tiny_with_
     finally:
         noise.remove()
     assert row["value"] == 0.0
+
+
+def test_calibration_seeds_give_one_cell_per_seed_and_a_seed_aware_summary(tmp_path, tiny_with_real_vocab,
+                                                                             real_tokenizer):
+    """--calibration-seeds 0,1,2: every pruned method is calibrated and measured once per seed (its own cells and
+    artifact), dense once; the summary line pools the seeds and reports their spread."""
+    from bench.summary import format_summary, summarize
+
+    config = _config(tmp_path, methods=["random", "shortgpt"], tasks=["piqa", "arc_easy"], calibration_seeds=[0, 1, 2],
+                     measure_efficiency=False)
+    runner = Runner(config, model=tiny_with_real_vocab, tokenizer=real_tokenizer)
+    runner.run()
+    rows = runner.store.load_rows()
+    per_seed = rows[rows["metric"] == "acc_norm"].groupby("method")["calibration_seed"].apply(
+        lambda s: sorted(s.dropna().astype(int).unique().tolist()))
+    assert per_seed.to_dict() == {"dense": [], "random": [0, 1, 2], "shortgpt": [0, 1, 2]}
+    assert rows[(rows["method"] == "random") & (rows["task"] == "piqa")]["cell"].nunique() == 3
+    summary = summarize(rows, runner.store).set_index("method")
+    assert summary.loc["random", "seeds"] == 3 and summary.loc["dense", "seeds"] == 1
+    assert summary.loc["random", "seed_min"] <= summary.loc["random", "retention"] <= summary.loc["random", "seed_max"]
+    assert "seeds [retention min, max]" in format_summary(summary.reset_index())

@@ -144,3 +144,29 @@ def test_degenerate_resamples_give_no_interval_instead_of_a_huge_one():
     assert paired_retention(store, {"piqa": "piqa/many"}, {"piqa": "piqa/many"}) == (1.0, 1.0, 1.0)
     store = _Samples({"piqa/dense": [0.0, 0.0], "piqa/a": [1.0, 0.0]})
     assert np.isnan(paired_retention(store, {"piqa": "piqa/dense"}, {"piqa": "piqa/a"})[0])
+
+
+def test_seed_variance_widens_the_ci_and_the_spread_is_reported():
+    """Three calibration seeds that lose 5%, 20% and 35% of dense's right answers: the two-level bootstrap's CI
+    (items and seeds resampled) is wider than any one seed's item-only CI, and centred on the seeds' mean."""
+    from bench.summary import seeded_bootstrap
+
+    rng = np.random.default_rng(4)
+    scores, seeds = {}, {}
+    for task in ("piqa", "winogrande"):
+        dense = (rng.random(300) < 0.6).astype(float)
+        scores[f"{task}/dense"] = list(dense)
+        for s, loss in enumerate((0.05, 0.20, 0.35)):
+            scores[f"{task}/s{s}"] = list(np.where(rng.random(300) < loss, 0.0, dense))
+            seeds.setdefault(s, {})[task] = f"{task}/s{s}"
+    store = _Samples(scores)
+    dense_cells = {t: f"{t}/dense" for t in ("piqa", "winogrande")}
+    (point,), boot, (per_seed,) = seeded_bootstrap(store, dense_cells, [seeds], seed=0)
+    singles = [paired_retention(store, dense_cells, cells) for cells in seeds.values()]
+    assert per_seed == pytest.approx([r for r, _, _ in singles])
+    assert point == pytest.approx(np.mean(per_seed))
+    lo, hi = np.percentile(boot[0], [2.5, 97.5])
+    assert lo < point < hi
+    assert hi - lo > 1.5 * max(h - low for _, low, h in singles)
+    (same,), boot_one, _ = seeded_bootstrap(store, dense_cells, [{0: seeds[0]}], seed=0)
+    assert same == pytest.approx(singles[0][0])  # one seed: the item-only retention
