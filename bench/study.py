@@ -45,6 +45,9 @@ RUN_KEYS: dict[str, tuple[str, str]] = {
     "decode_tokens": ("count", "16"),
     "threads": ("count", "2"),
     "results": ("str", '"results"'),
+    "calibration_seeds": ("seeds", "[0, 1, 2]"),
+    "latency_sweep": ("bool", "true"),
+    "executor": ("choice:local,ray", '"ray"'),
 }
 TABLES = ("fields", "calibration")
 # study keys `run` has no command-line option for: RunConfig takes them from the file only
@@ -77,6 +80,13 @@ def _check(path: Path, key: str, value: Any, kind: str, example: str) -> Any:
         if kind == "count|none" and value == _NONE:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+    elif kind == "seeds":
+        if not isinstance(value, list) or not value or len(set(value)) != len(value) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             raise bad
     elif kind == "names":
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
@@ -192,14 +202,14 @@ def dry_run(config, out=print) -> None:
     out(f"[dry-run] {len(plan)} method settings × {len(units)} units = {len(plan) * len(units)} cells "
         f"(tasks: {', '.join(tasks)}; limit {config.limit or 'all'} items; WikiText-2 {config.ppl_windows or 'all'} "
         f"windows × {config.ppl_seq_len}; efficiency probe)")
-    out("| method | sparsity | fields set by the study | calibration artifact |")
-    out("|---|---|---|---|")
+    out("| method | sparsity | seed | fields set by the study | calibration artifact |")
+    out("|---|---|---|---|---|")
     to_calibrate = {}
     for method in plan:
         fields = {**overrides_for(method.registry_name, config.method_fields),
                   **{f"calibration.{k}": v for k, v in overrides_for(method.registry_name, config.calibration).items()}}
         if method.needs_calibration:
-            settings = CalibrationSettings.for_method(method, config.seed)
+            settings = CalibrationSettings.for_method(method, method.seed)
             name = f"{type(method).name}-{key_hash(artifact_key(config.model, method, settings))}"
             found = find_artifact(name)
             status = f"{name}: {'cached' if found else 'to calibrate'}"
@@ -207,7 +217,7 @@ def dry_run(config, out=print) -> None:
                 to_calibrate[name] = settings
         else:
             status = "none needed"
-        out(f"| {method.registry_name} | {method.sparsity:g} | {fields or '-'} | {status} |")
+        out(f"| {method.registry_name} | {method.sparsity:g} | {method.seed} | {fields or '-'} | {status} |")
     out(f"[dry-run] artifacts to calibrate: {len(to_calibrate)} (each once, shared by every cell that needs it)")
     _estimate(config, plan, tasks, out)
 

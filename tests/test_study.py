@@ -45,6 +45,9 @@ def test_default_cpu_study_is_what_run_does_with_no_options():
     ("[calibration.blockpruner]\nsamples = 4", "unknown key 'samples'; did you mean 'n_samples'"),
     ('dtype = "fp16"', 'write e.g. dtype = "bfloat16"'),
     ("model = ", "not valid TOML"),
+    ("calibration_seeds = [0, 0]", "write e.g. calibration_seeds = [0, 1, 2]"),
+    ("latency_sweep = 1", "write e.g. latency_sweep = true"),
+    ('executor = "slurm"', 'write e.g. executor = "ray"'),
 ])
 def test_bad_study_files_say_how_to_fix_them(tmp_path, text, message):
     path = tmp_path / "study.toml"
@@ -69,7 +72,7 @@ def test_dry_run_plans_offline_and_the_command_line_wins(tmp_path, capsys):
     out = capsys.readouterr().out
     # dense + 8 methods × 4 sparsities, × (8 tasks + WikiText-2 + efficiency)
     assert "33 method settings × 10 units = 330 cells" in out
-    assert "| ftp-static | 0.22 | {'preset': 'paper'} | ftp-" in out and "to calibrate" in out
+    assert "| ftp-static | 0.22 | 0 | {'preset': 'paper'} | ftp-" in out and "to calibrate" in out
     assert "calibration.seq_len': 2048" in out
     assert main(["run", "--config", str(config), "--dry-run", "--methods", "shortgpt", "--sparsity", "0.25",
                  "--tasks", "piqa", "--results", str(tmp_path / "r")]) == 0
@@ -87,3 +90,13 @@ def test_study_overrides_reach_the_methods_and_only_them():
     assert plan["blockpruner"].default_calibration["n_samples"] == 2
     assert plan["blockpruner"].calibration_override == {"n_samples": 2}
     assert type(plan["blockpruner"]).default_calibration["n_samples"] == 1  # the class default is untouched
+
+
+def test_calibration_seeds_in_a_study_plan_one_artifact_per_seed(tmp_path, capsys):
+    path = tmp_path / "seeds.toml"
+    path.write_text('methods = ["shortgpt"]\ncalibration_seeds = [0, 1, 2]\nlatency_sweep = true\n')
+    assert main(["run", "--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| shortgpt |")]
+    assert [line.split("|")[3].strip() for line in lines] == ["0", "1", "2"]
+    assert len({line.split("|")[5].split(":")[0] for line in lines}) == 3  # three artifact keys
