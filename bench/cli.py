@@ -124,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a study file (configs/*.toml); options given here override it")
-    p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: every cell in this process; ray: one Ray task per (method, sparsity), each missing "
-                        "calibration artifact once as its own task (needs `pip install ray==2.60.0`)")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                   help="local: every cell in this process; ray / slurm: one Ray task or Slurm job (submitit; local "
+                        "processes without Slurm) per (method, sparsity), each missing calibration artifact once as "
+                        "its own task (pip install -e '.[scale]')")
+    p.add_argument("--slurm-partition", default=None, help="with --executor slurm: the partition to submit to")
     p.add_argument("--ray-address", default=None,
                    help="with --executor ray: an existing cluster (e.g. ray://head:10001); default: start a local one")
     p.add_argument("--dry-run", action="store_true",
@@ -189,7 +191,7 @@ def cmd_run(args) -> int:
                        results=args.results, force=args.force, batch_size=args.batch_size,
                        ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len,
                        latency_repeats=args.latency_repeats, threads=args.threads, progress=not args.no_progress,
-                       executor=args.executor, ray_address=args.ray_address, latency_sweep=args.latency_sweep,
+                       executor=args.executor, ray_address=args.ray_address, slurm_partition=args.slurm_partition, latency_sweep=args.latency_sweep,
                        latency_grid=args.latency_grid, sweep_max_rounds=args.sweep_max_rounds,
                        calibration_seeds=args.calibration_seeds, **extra)
     if args.dry_run:

@@ -1,4 +1,5 @@
-"""Running a study's groups of cells on Ray (`python -m bench run --executor ray [--ray-address ADDR]`).
+"""Running a study's groups of cells on Ray (`--executor ray [--ray-address ADDR]`) or Slurm (`--executor slurm`,
+through submitit; without a Slurm cluster it runs the same jobs as local processes).
 
 The plan is the local one (bench.runner): one group per (method, sparsity), dense first. On Ray:
 
@@ -10,9 +11,11 @@ The plan is the local one (bench.runner): one group per (method, sparsity), dens
   shared between the groups);
 - progress is shown for the whole sweep (cells done / to do, with an ETA) as groups finish.
 
-Workers read the store, the data and the artifact cache through the file system: on one machine that is given; on
-a cluster, `--results` and `$BENCH_CACHE` must be on a shared file system and bench installed on every node.
-Resume, `--force` and the report are the same as with the local executor.
+On Slurm the calibration jobs run first (all at once) and the groups after them; job logs go to
+`<results>/.slurm/`. Workers read the store, the data and the artifact cache through the file system: on one
+machine that is given; on a cluster, `--results` and `$BENCH_CACHE` must be on a shared file system and bench
+installed on every node. Resume, `--force` and the report are the same as with the local executor. A worker's
+BenchError (a model that does not load, a corrupt committed artifact) reaches the user as the same one-line error.
 """
 
 from __future__ import annotations
@@ -27,15 +30,14 @@ from bench.errors import BenchError
 from bench.paths import REPO_ROOT
 
 
-def _import_ray():
+def _import(name: str, pin: str, flag: str):
     try:
-        import ray
+        return __import__(name)
     except ImportError as exc:
-        raise BenchError("--executor ray needs Ray: pip install 'ray==2.60.0' (or pip install -e '.[ray]')") from exc
-    return ray
+        raise BenchError(f"{flag} needs {name}: pip install '{pin}' (or pip install -e '.[scale]')") from exc
 
 
-def _worker_config(config, threads: int):
+def _worker_config(config, threads: int | None):
     return dataclasses.replace(config, executor="local", progress=False, threads=threads)
 
 
@@ -45,21 +47,29 @@ def _calibrate(config, index: int) -> dict:
     from bench.models import cpu_threads, load_model
     from bench.runner import Runner
 
-    runner = Runner(config)
-    model, tokenizer = load_model(config.model, config.device, config.dtype)
-    with cpu_threads(model, config.threads):
-        start = time.perf_counter()
-        method = runner.plan[index]
-        meta = ensure_calibrated(method, model, tokenizer, config.model, seed=method.seed)
-    return {**meta, "seconds": time.perf_counter() - start}
+    try:
+        method = Runner(config).plan[index]
+        model, tokenizer = load_model(config.model, config.device, config.dtype)
+        with cpu_threads(model, config.threads):
+            start = time.perf_counter()
+            meta = ensure_calibrated(method, model, tokenizer, config.model, seed=method.seed)
+        return {**meta, "seconds": time.perf_counter() - start}
+    except BenchError as exc:
+        return {"error": str(exc)}
 
 
-def _group(config, index: int, *_artifacts) -> dict:
-    """One group of cells (`_artifacts`: the calibration tasks it waits for)."""
+def _group(config, index: int, *artifacts: dict) -> dict:
+    """One group of cells (`artifacts`: the results of the calibration tasks it waited for)."""
     from bench.runner import Runner
 
-    runner = Runner(config)
-    runner.run_groups([index])
+    failed = [a["error"] for a in artifacts if "error" in a]
+    if failed:
+        return {"error": failed[0]}
+    try:
+        runner = Runner(config)
+        runner.run_groups([index])
+    except BenchError as exc:
+        return {"error": str(exc)}
     return {"index": index, "run_cells": runner.run_cells, "written": runner.cells_written,
             "skipped": runner.cells_skipped, "seconds": runner.clock.seconds, "threads": runner.threads_used}
 
@@ -72,12 +82,56 @@ def _artifact_hash(method, config) -> str | None:
     return key_hash(artifact_key(config.model, method, CalibrationSettings.for_method(method, method.seed)))
 
 
-def run_on_ray(runner) -> list[str]:
-    """Execute `runner.plan` on Ray; fills the runner's run_cells / cells_written / cells_skipped / clock as the
-    local executor does, and returns run_cells."""
+def _missing_artifacts(runner) -> dict[str, int]:
+    """{artifact key hash: the plan index of one method that needs it} for every artifact no cache holds."""
     from bench.artifacts import artifact_exists
 
-    ray = _import_ray()
+    missing: dict[str, int] = {}
+    for index, method in enumerate(runner.plan):
+        digest = _artifact_hash(method, runner.config)
+        if digest is not None and digest not in missing and (
+                runner.config.force or not artifact_exists(method, runner.config.model, method.seed)):
+            missing[digest] = index
+    return missing
+
+
+class _Sweep:
+    """Progress over the whole sweep (cells done / to do, ETA) and the runner's tallies, as groups finish."""
+
+    def __init__(self, runner, calibrations: int, where: str):
+        self.runner = runner
+        groups = len(runner.plan)
+        total = sum(len(runner.unit_settings(m)) for m in runner.plan)
+        self.bar = tqdm(total=total, unit="cell", disable=not runner.config.progress,
+                        desc=f"cells ({calibrations} calibrations, {groups} groups on {where})")
+        self.groups, self.done = groups, 0
+        self.start = time.perf_counter()
+        runner.calibrations_run = calibrations
+
+    def add(self, result: dict) -> None:
+        if "error" in result:
+            raise BenchError(result["error"])
+        r = self.runner
+        r.run_cells.extend(result["run_cells"])
+        r.cells_written.extend(result["written"])
+        r.cells_skipped.extend(result["skipped"])
+        for stage, seconds in result["seconds"].items():
+            r.clock.seconds[stage] = r.clock.seconds.get(stage, 0.0) + seconds
+        r.threads_used = result["threads"]
+        self.done += 1
+        self.bar.update(len(result["run_cells"]))
+        self.bar.set_postfix_str(f"groups {self.done}/{self.groups}")
+
+    def close(self, stage: str) -> None:
+        self.bar.close()
+        self.runner.clock.seconds[stage] = time.perf_counter() - self.start
+
+
+def run_on_ray(runner) -> list[str]:
+    """Execute `runner.plan` on Ray: every missing artifact once as its own task, each group a task that waits for
+    the artifact it needs; fills the runner's run_cells / cells_written / cells_skipped / clock as the local
+    executor does, and returns run_cells."""
+    ray = _import("ray", "ray==2.60.0", "--executor ray")
     config = runner.config
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
     if os.environ.get("BENCH_CACHE"):
@@ -99,47 +153,66 @@ def run_on_ray(runner) -> list[str]:
         runner.store.remove_stale()  # here only: workers never delete temporaries of another process
         calibrate = ray.remote(max_retries=0)(_calibrate).options(**options)
         group = ray.remote(max_retries=0)(_group).options(**options)
-        artifacts: dict[str, object] = {}
-        for index, method in enumerate(runner.plan):
-            digest = _artifact_hash(method, config)
-            if digest is not None and digest not in artifacts and not config.force \
-                    and not artifact_exists(method, config.model, method.seed):
-                artifacts[digest] = calibrate.remote(worker, index)
-        pending = {group.remote(worker, i, *([artifacts[d]] if (d := _artifact_hash(m, config)) in artifacts
-                                             else [])): i
-                   for i, m in enumerate(runner.plan)}
-        per_group = len(runner.unit_settings())
-        bar = tqdm(total=groups * per_group, desc=f"cells ({len(artifacts)} calibrations, {groups} groups on Ray)",
-                   unit="cell", disable=not config.progress)
-        start = time.perf_counter()
+        artifacts = {digest: calibrate.remote(worker, index) for digest, index in _missing_artifacts(runner).items()}
+        pending = [group.remote(worker, i, *([artifacts[d]] if (d := _artifact_hash(m, config)) in artifacts
+                                             else []))
+                   for i, m in enumerate(runner.plan)]
+        sweep = _Sweep(runner, len(artifacts), "Ray")
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                try:
-                    result = ray.get(done[0])
-                except ray.exceptions.RayTaskError as exc:  # a worker's BenchError is the user's one-line error
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, BenchError):
-                        raise cause from None
-                    raise
-                pending.pop(done[0])
-                runner.run_cells.extend(result["run_cells"])
-                runner.cells_written.extend(result["written"])
-                runner.cells_skipped.extend(result["skipped"])
-                for stage, seconds in result["seconds"].items():
-                    runner.clock.seconds[stage] = runner.clock.seconds.get(stage, 0.0) + seconds
-                runner.threads_used = result["threads"]
-                bar.update(len(result["run_cells"]))
-                bar.set_postfix_str(f"groups {groups - len(pending)}/{groups}")
+                done, pending = ray.wait(pending, num_returns=1)
+                sweep.add(ray.get(done[0]))
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
         finally:
-            bar.close()
-        runner.clock.seconds["ray wall"] = time.perf_counter() - start
-        runner.calibrations_on_ray = len(artifacts)
+            sweep.close("ray wall")
         return runner.run_cells
     finally:
         if started_here:
             ray.shutdown()
+
+
+def run_on_slurm(runner) -> list[str]:
+    """Execute `runner.plan` as Slurm jobs through submitit (local processes where there is no Slurm): the missing
+    artifacts first, one job each, then one job per group."""
+    from pathlib import Path
+
+    submitit = _import("submitit", "submitit==1.5.4", "--executor slurm")
+    config = runner.config
+    executor = submitit.AutoExecutor(folder=Path(config.results) / ".slurm")
+    parameters = {"timeout_min": config.slurm_timeout_min, "cpus_per_task": config.threads or 1,
+                  "name": "bench"}
+    if config.device.startswith("cuda"):
+        parameters["gpus_per_node"] = 1
+    if config.slurm_partition and executor.cluster == "slurm":
+        parameters["slurm_partition"] = config.slurm_partition
+    executor.update_parameters(**parameters)
+    worker = _worker_config(config, config.threads or 1)
+    runner.store.remove_stale()
+    missing = _missing_artifacts(runner)
+    sweep = _Sweep(runner, len(missing), executor.cluster)
+    jobs = []
+    try:
+        jobs = [executor.submit(_calibrate, worker, index) for index in missing.values()]
+        for job in jobs:
+            if "error" in (result := job.result()):
+                raise BenchError(result["error"])
+        jobs = [executor.submit(_group, worker, i) for i in range(len(runner.plan))]
+        pending = list(jobs)
+        while pending:
+            finished = [job for job in pending if job.done()]
+            for job in finished:
+                pending.remove(job)
+                sweep.add(job.result())
+            if not finished:
+                time.sleep(1.0)
+    except BaseException:
+        for job in jobs:
+            if not job.done():
+                job.cancel(check=False)
+        raise
+    finally:
+        sweep.close("slurm wall")
+    return runner.run_cells

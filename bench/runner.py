@@ -58,8 +58,10 @@ class RunConfig:
     latency_grid: list[tuple[int, int]] | None = None  # (batch, seq_len) points; None: CPU_GRID or GPU_GRID
     sweep_max_rounds: int = 30
     determinism_task: str | None = None  # a task dense is scored on twice, compared exactly (the gate sets it)
-    executor: str = "local"  # "local": in this process; "ray": one Ray task per group of cells (bench.executors)
+    executor: str = "local"  # "local": in this process; "ray"/"slurm": one task or job per group (bench.executors)
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
+    slurm_partition: str | None = None
+    slurm_timeout_min: int = 24 * 60
     # from a study file (bench.study): per method (family or variant) field values and calibration text settings
     method_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -164,10 +166,10 @@ class Runner:
     # -- the study --------------------------------------------------------------------------------------------
     def run(self) -> list[str]:
         """Every group of cells: in this process (`executor="local"`), or as Ray tasks (bench.executors)."""
-        if self.config.executor == "ray":
-            from bench.executors import run_on_ray
+        if self.config.executor in ("ray", "slurm"):
+            from bench.executors import run_on_ray, run_on_slurm
 
-            return run_on_ray(self)
+            return (run_on_ray if self.config.executor == "ray" else run_on_slurm)(self)
         return self.run_groups(range(len(self.plan)), clean=True)
 
     def run_groups(self, indices, clean: bool = False) -> list[str]:

@@ -47,7 +47,7 @@ RUN_KEYS: dict[str, tuple[str, str]] = {
     "results": ("str", '"results"'),
     "calibration_seeds": ("seeds", "[0, 1, 2]"),
     "latency_sweep": ("bool", "true"),
-    "executor": ("choice:local,ray", '"ray"'),
+    "executor": ("choice:local,ray,slurm", '"ray"'),
 }
 TABLES = ("fields", "calibration")
 # study keys `run` has no command-line option for: RunConfig takes them from the file only

@@ -1,6 +1,7 @@
-"""`--executor ray`: the same cells as the local executor, each missing artifact calibrated once as its own task,
-resume, and a worker's error reaching the user as one line. A local Ray instance on this machine's CPUs, a tiny
-model saved to a directory (workers load it by path, as they would a hub model)."""
+"""`--executor ray` and `--executor slurm`: the same cells as the local executor, each missing artifact calibrated
+once as its own task, resume, and a worker's error reaching the user as one line. A local Ray instance on this
+machine's CPUs; submitit's local processes (no Slurm here); a tiny model saved to a directory (workers load it by
+path, as they would a hub model)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_ray_executor_matches_local_calibrates_once_and_resumes(model_dir, ray_c
     cells = on_ray.run()
     keys = {key_hash(artifact_key(model_dir, m, CalibrationSettings.for_method(m, 0))) for m in on_ray.plan[1:]}
     # ShortGPT's layer ranking does not depend on the sparsity: both groups share one artifact, computed once
-    assert on_ray.calibrations_on_ray == len(keys) == 1
+    assert on_ray.calibrations_run == len(keys) == 1
     assert len(cells) == len(set(cells)) == 3 * 4 and sorted(on_ray.cells_written) == sorted(cells)
     assert all(Store(study.results).is_complete(c) for c in cells)
 
@@ -66,7 +67,7 @@ def test_ray_executor_matches_local_calibrates_once_and_resumes(model_dir, ray_c
     again = Runner(dataclasses.replace(study, executor="ray"))
     again.run()
     assert again.cells_written == [] and sorted(again.cells_skipped) == sorted(cells)
-    assert again.calibrations_on_ray == 0
+    assert again.calibrations_run == 0
 
 
 def test_worker_error_is_one_bench_error(ray_cluster, tmp_path):
@@ -76,3 +77,19 @@ def test_worker_error_is_one_bench_error(ray_cluster, tmp_path):
     study = dataclasses.replace(config(str(tmp_path / "r")), model=str(tmp_path / "empty"), executor="ray")
     with pytest.raises(BenchError, match="could not load model"):
         Runner(study).run()
+
+
+def test_slurm_executor_runs_the_same_cells_as_local_processes(model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    study = dataclasses.replace(config(str(tmp_path / "slurm")), model=model_dir, executor="slurm")
+    jobs = Runner(study)
+    cells = jobs.run()
+    assert jobs.calibrations_run == 1 and sorted(jobs.cells_written) == sorted(cells) and len(cells) == 2 * 4
+    assert list((tmp_path / "slurm" / ".slurm").glob("*_log.out"))  # one log per job, beside the store
+    local = Runner(dataclasses.replace(study, executor="local", results=str(tmp_path / "local")))
+    assert sorted(local.run()) == sorted(cells)
+    assert _values(study.results) == _values(local.config.results)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BenchError, match="could not load model"):
+        Runner(dataclasses.replace(study, model=str(tmp_path / "empty"), results=str(tmp_path / "r2"))).run()

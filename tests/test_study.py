@@ -47,7 +47,7 @@ def test_default_cpu_study_is_what_run_does_with_no_options():
     ("model = ", "not valid TOML"),
     ("calibration_seeds = [0, 0]", "write e.g. calibration_seeds = [0, 1, 2]"),
     ("latency_sweep = 1", "write e.g. latency_sweep = true"),
-    ('executor = "slurm"', 'write e.g. executor = "ray"'),
+    ('executor = "dask"', 'write e.g. executor = "ray"'),
 ])
 def test_bad_study_files_say_how_to_fix_them(tmp_path, text, message):
     path = tmp_path / "study.toml"
