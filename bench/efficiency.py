@@ -79,6 +79,15 @@ class LatencyResult:
         return statistics.median(self.decode_tokens_per_s)
 
 
+def _time_one(model, pruned: Callable[[], AbstractContextManager], use_pruned: bool, timer: Timer,
+              input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of the dense model, or of the pruned one inside its apply()."""
+    if use_pruned:
+        with pruned() as m:
+            return timer(lambda: prefill(m, input_ids)), timer(decode(m, input_ids, new_tokens))
+    return timer(lambda: prefill(model, input_ids)), timer(decode(model, input_ids, new_tokens))
+
+
 def interleaved_latency(model, pruned: Callable[[], AbstractContextManager], input_ids: torch.Tensor,
                         repeats: int = 5, warmup: int = 1, new_tokens: int = 16) -> tuple[LatencyResult, LatencyResult]:
     """(dense, pruned) prefill seconds and decode tokens/s, alternating dense and pruned in ABBA order (dense
@@ -89,13 +98,7 @@ def interleaved_latency(model, pruned: Callable[[], AbstractContextManager], inp
     dense_p, dense_d, pruned_p, pruned_d = [], [], [], []
     for rep in range(warmup + repeats):
         for is_pruned in ((False, True) if rep % 2 == 0 else (True, False)):
-            if is_pruned:
-                with pruned() as m:
-                    p = timer(lambda m=m: prefill(m, input_ids))
-                    d = timer(decode(m, input_ids, new_tokens))
-            else:
-                p = timer(lambda: prefill(model, input_ids))
-                d = timer(decode(model, input_ids, new_tokens))
+            p, d = _time_one(model, pruned, is_pruned, timer, input_ids, new_tokens)
             if rep >= warmup:
                 (pruned_p if is_pruned else dense_p).append(p)
                 (pruned_d if is_pruned else dense_d).append(new_tokens * input_ids.shape[0] / d)
@@ -197,13 +200,7 @@ def sweep_point(model, pruned: Callable[[], AbstractContextManager], input_ids: 
     rnd = 0
     while True:
         for kind in kinds[rnd % 3:] + kinds[:rnd % 3]:
-            if kind == "pruned":
-                with pruned() as m:
-                    p = timer(lambda m=m: prefill(m, input_ids))
-                    d = timer(decode(m, input_ids, new_tokens))
-            else:
-                p = timer(lambda: prefill(model, input_ids))
-                d = timer(decode(model, input_ids, new_tokens))
+            p, d = _time_one(model, pruned, kind == "pruned", timer, input_ids, new_tokens)
             if rnd >= warmup:
                 prefill_s[kind].append(p)
                 decode_s[kind].append(d)

@@ -70,6 +70,17 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _label_panel(ax, model: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(model)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def _finish(fig, axes: dict, path: Path) -> None:
+    _legend_outside(fig, axes.values())
+    _save(fig, path)
+
+
 def _legend_outside(fig, axes) -> None:
     """One legend for the figure, below the panels: labels never cover points."""
     axes = list(axes)
@@ -100,11 +111,8 @@ def fig_retention(summary: pd.DataFrame, path: Path) -> None:
                 ax.errorbar(x, y, yerr=np.vstack([y - lo, hi - y]), marker="o", capsize=3, color=colours[method],
                             label=method, ls="none")
         ax.axhline(100, color="grey", lw=0.8, ls="--")
-        ax.set_title(model)
-        ax.set_xlabel("compute sparsity c on the scored items")
-        ax.set_ylabel("accuracy retention vs dense (%)")
-    _legend_outside(fig, axes.values())
-    _save(fig, path)
+        _label_panel(ax, model, "compute sparsity c on the scored items", "accuracy retention vs dense (%)")
+    _finish(fig, axes, path)
 
 
 def fig_pareto(summary: pd.DataFrame, path: Path) -> None:
@@ -126,11 +134,8 @@ def fig_pareto(summary: pd.DataFrame, path: Path) -> None:
             ax.annotate(f"ideal @ c={target:g}", (1 / (1 - target), ax.get_ylim()[1]), fontsize=7, rotation=90,
                         va="top", ha="right", color="grey")
         ax.axvline(1.0, color="black", lw=0.6)
-        ax.set_title(model)
-        ax.set_xlabel("prefill speedup over dense (interleaved, measured)")
-        ax.set_ylabel("accuracy retention (%)")
-    _legend_outside(fig, axes.values())
-    _save(fig, path)
+        _label_panel(ax, model, "prefill speedup over dense (interleaved, measured)", "accuracy retention (%)")
+    _finish(fig, axes, path)
 
 
 def fig_task_accuracy(rows: pd.DataFrame, path: Path) -> None:
@@ -147,8 +152,7 @@ def fig_task_accuracy(rows: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table.index, rotation=25, ha="right")
         ax.set_title(model)
         ax.set_ylabel("accuracy (%)")
-    _legend_outside(fig, axes.values())
-    _save(fig, path)
+    _finish(fig, axes, path)
 
 
 def fig_perplexity(summary: pd.DataFrame, path: Path) -> None:
@@ -162,11 +166,8 @@ def fig_perplexity(summary: pd.DataFrame, path: Path) -> None:
             ax.plot(g["c(wiki)"].fillna(g["target"]), g["ppl_ratio"], marker="o", color=colours[method],
                     label=method)
         ax.set_yscale("log")
-        ax.set_title(model)
-        ax.set_xlabel("compute sparsity c on the WikiText-2 windows")
-        ax.set_ylabel("perplexity ratio")
-    _legend_outside(fig, axes.values())
-    _save(fig, path)
+        _label_panel(ax, model, "compute sparsity c on the WikiText-2 windows", "perplexity ratio")
+    _finish(fig, axes, path)
 
 
 def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
@@ -182,11 +183,8 @@ def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
                        label=_label(r.method, r.target), s=40)
         lim = max([1.5, *(1 / g["flops_ratio"]).tolist(), *g["prefill_speedup"].tolist()]) * 1.05
         ax.plot([1, lim], [1, lim], color="grey", ls="--", lw=0.8, label="speedup = FLOPs reduction")
-        ax.set_title(model)
-        ax.set_xlabel("FLOPs reduction (dense ÷ pruned decoder FLOPs)")
-        ax.set_ylabel("prefill speedup (interleaved)")
-    _legend_outside(fig, axes.values())
-    _save(fig, path)
+        _label_panel(ax, model, "FLOPs reduction (dense ÷ pruned decoder FLOPs)", "prefill speedup (interleaved)")
+    _finish(fig, axes, path)
 
 
 def fig_latency_sweep(rows: pd.DataFrame, path: Path) -> bool:
@@ -213,11 +211,8 @@ def fig_latency_sweep(rows: pd.DataFrame, path: Path) -> bool:
             ax.plot(g["seq_len"], 1 / (1 - g["compute_sparsity"]), "--", color=colours[method], lw=0.8, alpha=0.6)
         ax.axhline(1.0, color="black", lw=0.6)
         ax.set_xscale("log", base=2)
-        ax.set_title(model)
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel("prefill speedup over dense")
-    _legend_outside(fig, axes.values())
-    _save(fig, path)
+        _label_panel(ax, model, "sequence length (tokens)", "prefill speedup over dense")
+    _finish(fig, axes, path)
     return True
 
 
