@@ -66,8 +66,8 @@ def _ints(text: str) -> list[int]:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from exc
-    if not values or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct integers such as 0,1,2, got {text!r}")
+    if not values or len(set(values)) != len(values) or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers such as 0,1,2, got {text!r}")
     return values
 
 
@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: every cell in this process; ray / slurm: one Ray task or Slurm job (submitit; local "
                         "processes without Slurm) per (method, sparsity), each missing calibration artifact once as "
                         "its own task (pip install -e '.[scale]')")
-    p.add_argument("--slurm-partition", default=None, help="with --executor slurm: the partition to submit to")
+    p.add_argument("--slurm-partition", default=None,
+                   help="with --executor slurm: the partition to submit to (each job asks for one GPU when --device "
+                        "cuda is given, CPUs otherwise)")
     p.add_argument("--ray-address", default=None,
                    help="with --executor ray: an existing cluster (e.g. ray://head:10001); default: start a local one")
     p.add_argument("--dry-run", action="store_true",

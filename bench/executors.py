@@ -38,7 +38,12 @@ def _import(name: str, pin: str, flag: str):
 
 
 def _worker_config(config, threads: int | None):
-    return dataclasses.replace(config, executor="local", progress=False, threads=threads)
+    """What a worker runs: this study, in its own process, with the store's absolute path (a worker's working
+    directory may differ from the driver's)."""
+    from pathlib import Path
+
+    return dataclasses.replace(config, executor="local", progress=False, threads=threads,
+                               results=str(Path(config.results).resolve()))
 
 
 def _calibrate(config, index: int) -> dict:
@@ -89,8 +94,9 @@ def _missing_artifacts(runner) -> dict[str, int]:
     missing: dict[str, int] = {}
     for index, method in enumerate(runner.plan):
         digest = _artifact_hash(method, runner.config)
-        if digest is not None and digest not in missing and (
-                runner.config.force or not artifact_exists(method, runner.config.model, method.seed)):
+        # --force recomputes cells, not artifacts (as the local executor does)
+        if digest is not None and digest not in missing and not artifact_exists(method, runner.config.model,
+                                                                                 method.seed):
             missing[digest] = index
     return missing
 
@@ -135,7 +141,7 @@ def run_on_ray(runner) -> list[str]:
     config = runner.config
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
     if os.environ.get("BENCH_CACHE"):
-        env["BENCH_CACHE"] = os.environ["BENCH_CACHE"]
+        env["BENCH_CACHE"] = os.path.abspath(os.path.expanduser(os.environ["BENCH_CACHE"]))
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,

@@ -22,7 +22,14 @@ import numpy as np
 import pandas as pd
 
 from bench.store import Store
-from bench.summary import accuracy_rows, bootstrap_retentions, dense_accuracy, matched_only
+from bench.summary import (
+    accuracy_rows,
+    bootstrap_retentions,
+    dense_accuracy,
+    matched_only,
+    seed_cells,
+    seeded_bootstrap,
+)
 
 DETECT = 0.02  # the retention difference a user wants to resolve (2 points)
 
@@ -66,6 +73,17 @@ def near_chance_tasks(store: Store, dense_cells: dict[str, str]) -> list[str]:
     return out
 
 
+def _draws(store: Store, dense_cells: dict[str, str], methods: list[dict[int, dict[str, str]]], seed: int,
+           seeded: bool) -> np.ndarray | None:
+    """Bootstrap retentions [methods, samples]: two-level (items, then seeds) when the study has calibration
+    seeds, the summary's item bootstrap otherwise."""
+    if seeded:
+        result = seeded_bootstrap(store, dense_cells, methods, seed)
+    else:
+        result = bootstrap_retentions(store, dense_cells, [next(iter(m.values())) for m in methods], seed)
+    return None if result is None else result[1]
+
+
 def study_power(rows: pd.DataFrame, store: Store, power: float = 0.8, alpha: float = 0.05,
                 detect: float = DETECT) -> list[StudyPower]:
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
@@ -77,21 +95,21 @@ def study_power(rows: pd.DataFrame, store: Store, power: float = 0.8, alpha: flo
             continue
         dense = dense_accuracy(accuracy_rows(rows), model, seed, device, dtype, {limit})
         dense_cells = dict(zip(dense["task"], dense["cell"], strict=False))
-        cells = {m: dict(zip(g["task"], g["cell"], strict=False)) for m, g in group.groupby("method")
-                 if m != "dense"}
-        names = sorted(cells)
+        seeded = {m: seed_cells(g) for m, g in group.groupby("method") if m != "dense"}
+        several = any(len(v) > 1 for v in seeded.values())
+
+        names = sorted(seeded)
         ses = []
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                result = bootstrap_retentions(store, dense_cells, [cells[a], cells[b]], int(seed))
-                if result is not None:
-                    diff = result[1][0] - result[1][1]
-                    ses.append(float(np.nanstd(diff)))
+                draws = _draws(store, dense_cells, [seeded[a], seeded[b]], int(seed), several)
+                if draws is not None:
+                    ses.append(float(np.nanstd(draws[0] - draws[1])))
         pairs = len(ses)
-        if not ses and names:
-            result = bootstrap_retentions(store, dense_cells, [cells[names[0]]], int(seed))
-            if result is not None:
-                ses.append(float(np.nanstd(result[1][0])))
+        if not ses and names:  # one pruned method: the SE of its retention (a difference would be ~√2 × wider)
+            draws = _draws(store, dense_cells, [seeded[names[0]]], int(seed), several)
+            if draws is not None:
+                ses.append(float(np.nanstd(draws[0])))
         if not ses:
             continue
         se = float(np.median(ses))
@@ -110,7 +128,10 @@ def format_power(results: list[StudyPower]) -> str:
         lines.append(
             f"{r.model} at c = {r.target:g}: {r.tasks} tasks × ~{r.items_per_task} items; the smallest retention "
             f"difference this study detects (α = 0.05 two-sided, 80% power) is {100 * r.mde:.1f} points "
-            f"(SE {100 * r.se:.1f}, median over {r.pairs} method pairs); a {100 * DETECT:.0f}-point difference needs "
+            + (f"(SE {100 * r.se:.1f}, median over {r.pairs} method pairs)" if r.pairs else
+               f"(SE {100 * r.se:.1f} of the one method's retention; a difference between two methods is ~√2 × "
+               "noisier)")
+            + f"; a {100 * DETECT:.0f}-point difference needs "
             f"~{r.items_for_detect:,} items per task."
             + (f" Dense is not above chance on {', '.join(r.near_chance)}: those items add cost, not signal."
                if r.near_chance else ""))

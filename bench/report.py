@@ -278,16 +278,17 @@ def what_is_real(summary: pd.DataFrame, pairwise: pd.DataFrame) -> list[str]:
     correction, which methods' retention CIs exclude 100%, and how many comparisons are indistinguishable."""
     lines = []
     pruned = summary[summary["method"] != "dense"]
-    for (model, target), group in pruned.groupby(["model", "target"], sort=True):
-        head = f"{model} at c = {target:g}:"
+    several = summary[["device", "dtype"]].drop_duplicates().shape[0] > 1
+    for (model, device, dtype, target), group in pruned.groupby(["model", "device", "dtype", "target"], sort=True):
+        head = f"{model}{f' ({device}, {dtype})' if several else ''} at c = {target:g}:"
         ranked = group.dropna(subset=["retention"])
         if ranked.empty:
             lines.append(f"{head} no matched task, so no retention to compare.")
             continue
         worse = [f"{r.method} ({100 * r.retention:.1f}% [{100 * r.ret_lo:.1f}, {100 * r.ret_hi:.1f}])"
                  for r in ranked.itertuples() if np.isfinite(r.ret_hi) and r.ret_hi < 1]
-        same = pairwise[(pairwise["model"] == model) & (pairwise["target"] == target)] if len(pairwise) \
-            else pairwise
+        same = pairwise[(pairwise["model"] == model) & (pairwise["device"] == device) & (pairwise["dtype"] == dtype)
+                        & (pairwise["target"] == target)] if len(pairwise) else pairwise
         real = same[same["significant"]] if len(same) else same
         sentences = [head]
         if len(real):

@@ -20,7 +20,7 @@ from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAUL
 from bench.efficiency import CPU_GRID, GPU_GRID
 from bench.errors import BenchError
 from bench.matching import PROTOCOL
-from bench.models import cpu_threads, load_model, validate_model_name
+from bench.models import adds_bos, cpu_threads, load_model, validate_model_name
 from bench.provenance import BENCH_VERSION, Provenance
 from bench.store import Store, cell_hash
 from bench.study import overrides_for
@@ -151,6 +151,12 @@ class Runner:
                                       else CPU_GRID)
             units[LATENCY_SWEEP] = {"grid": [list(p) for p in grid], "decode_tokens": c.decode_tokens,
                                     "min_rounds": 5, "max_rounds": c.sweep_max_rounds, "protocol": PROTOCOL}
+        if self.tokenizer is not None and adds_bos(self.tokenizer):
+            # raw-text windows start with BOS for such a tokenizer (bench.models.adds_bos): part of what the
+            # cell measured (SmolLM2's identities are unchanged)
+            for unit in ("wikitext2", "efficiency", LATENCY_SWEEP):
+                if unit in units:
+                    units[unit] = {**units[unit], "bos": True}
         if c.determinism_task and method is not None and method.registry_name == "dense":
             units[DETERMINISM] = {"task": c.determinism_task, "limit": c.limit, "batch_size": c.batch_size,
                                   "protocol": PROTOCOL}

@@ -6,7 +6,7 @@
     results/.staging/                         cells being written (readers never look here)
     results/.locks/                           one lock file per cell: two writers never compute the same cell
 
-A cell is written into `.staging/<hash>-<pid>/` and renamed into `cells/` whole, so readers of `cells/`
+A cell is written into `.staging/<hash>@<host>-<pid>/` and renamed into `cells/` whole, so readers of `cells/`
 (`load_rows()`, and `pandas.read_parquet("results/cells")`) never see a partial one. A cell counts only when
 every file listed in its `_cell.json` manifest is present with the recorded sha256; a cell that fails
 verification is reported in one line, skipped by readers and recomputed by `run`."""
@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -52,9 +53,19 @@ def cell_hash(identity: dict[str, Any]) -> str:
 
 
 def _owner_pid(name: str) -> int | None:
-    """The pid at the end of a temporary's name (`<hash>-<pid>`, `.tmp-<hash>-<pid>`), if any."""
+    """The pid at the end of a temporary's name (`<hash>@<host>-<pid>`, `<hash>-<pid>`, `.tmp-<hash>-<pid>`)."""
     tail = name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
+
+
+def _owner_host(name: str) -> str | None:
+    """The host in a temporary's name, None for names written before hosts were recorded (this host's)."""
+    head = name.rsplit("-", 1)[0]
+    return head.rsplit("@", 1)[1] if "@" in head else None
+
+
+def _this_host() -> str:
+    return platform.node().replace("@", "_").replace("/", "_") or "host"
 
 
 def warn(message: str) -> None:
@@ -130,7 +141,9 @@ class Store:
         if self.cells.is_dir():
             candidates += [p for p in self.cells.iterdir() if p.name.startswith((".tmp-", ".old-"))]
         for path in candidates:
-            pid = _owner_pid(path.name)
+            pid, host = _owner_pid(path.name), _owner_host(path.name)
+            if host not in (None, _this_host()):
+                continue  # another node's process (a shared store): whether it still runs cannot be seen from here
             if pid is None or not pid_alive(pid) or pid == os.getpid():
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
@@ -143,7 +156,7 @@ class Store:
         frame = to_frame(rows)
         self.cells.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True, exist_ok=True)
-        tmp = self.staging / f"{cell}-{os.getpid()}"
+        tmp = self.staging / f"{cell}@{_this_host()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         frame.to_parquet(tmp / ROWS, index=False)
@@ -155,7 +168,7 @@ class Store:
         meta = {"cell": cell, "identity": identity, "files": files, "written": time.time()}
         (tmp / IDENTITY).write_text(json.dumps(meta, indent=1, default=str))
         final = self.cell_dir(cell)
-        move_into_place(tmp, final, self.staging / f"old-{cell}-{os.getpid()}")
+        move_into_place(tmp, final, self.staging / f"old-{cell}@{_this_host()}-{os.getpid()}")
         return final
 
     # -- readers ----------------------------------------------------------------------------------------------

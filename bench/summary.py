@@ -21,12 +21,14 @@ def primary_metric(task: str) -> str:
 
 
 def current_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """The newest cell per (model, method, target sparsity, seed, device, dtype, task, item limit): cells written
+    """The newest cell per (model, method, target sparsity, seed, calibration seed, device, dtype, task, item limit):
+    cells written
     before a method's parameters or a unit's measurement changed stay in the store (nothing is deleted) but must
     not be averaged with the new ones."""
     if rows.empty:
         return rows
-    keys = ["model", "method", "target_sparsity", "seed", "device", "dtype", "task", "limit"]
+    keys = ["model", "method", "target_sparsity", "seed", "calibration_seed", "device", "dtype", "task", "limit"]
+    keys = [k for k in keys if k in rows]
     per_cell = rows.drop_duplicates("cell").sort_values("timestamp")  # a cell's rows share one timestamp
     latest = per_cell.groupby(keys, dropna=False, sort=False)["cell"].last()
     return rows[rows["cell"].isin(set(latest))]
@@ -96,7 +98,9 @@ def seeded_bootstrap(store: Store, dense_cells: dict[str, str], methods: list[di
     """Retention with calibration seeds: (mean over seeds of each method's retention, two-level bootstrap
     retentions [methods, samples], each method's per-seed retentions). Each resample draws the items of every task
     (the same for dense and every seed of every method: paired) and then, per method, as many seeds as it has
-    with replacement; the item-and-seed variance both enter the CI."""
+    with replacement, their deviations from the seeds' mean widened by √(k/(k−1)) so that k seeds resampled carry
+    the seed variance itself (the plain resample gives (k−1)/k of it); the item-and-seed variance both enter the
+    CI. With 2–3 seeds the seed part of the CI stays rough: it rests on that many values."""
     rng = np.random.default_rng(seed)
     flat = [cells for m in methods for cells in m.values()]
     dense_t: list[np.ndarray] = []
@@ -127,14 +131,18 @@ def seeded_bootstrap(store: Store, dense_cells: dict[str, str], methods: list[di
                               for si in range(len(m))])  # [seeds, samples]
         with np.errstate(divide="ignore", invalid="ignore"):
             seed_boot = np.where(dense_boot > 0, seed_boot / dense_boot, np.nan)
-        pick = rng.integers(0, len(m), size=(BOOTSTRAP_SAMPLES, len(m)))
+        k = len(m)
+        if k > 1:  # resampling k seeds underestimates their variance by (k − 1)/k: widen their deviations to match
+            centre = seed_boot.mean(axis=0, keepdims=True)
+            seed_boot = centre + (seed_boot - centre) * np.sqrt(k / (k - 1))
+        pick = rng.integers(0, k, size=(BOOTSTRAP_SAMPLES, k))
         boots.append(np.take_along_axis(seed_boot.T, pick, axis=1).mean(axis=1))
         points.append(float(by_seed.mean()))
         spreads.append(by_seed)
     return points, np.array(boots), spreads
 
 
-def _seed_cells(acc: pd.DataFrame) -> dict[int, dict[str, str]]:
+def seed_cells(acc: pd.DataFrame) -> dict[int, dict[str, str]]:
     """{calibration seed: {task: cell}} (cells written before seeds were recorded count as one seed, -1)."""
     if "calibration_seed" not in acc:
         return {-1: dict(zip(acc["task"], acc["cell"], strict=False))}
@@ -209,7 +217,7 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         d_acc = dense_accuracy(all_acc, model, seed, device, dtype, set(g_acc["limit"].dropna()))
         d_acc = d_acc[d_acc["task"].isin(g_acc["task"])]
         dense_cells = dict(zip(d_acc["task"], d_acc["cell"], strict=False))
-        by_seed = _seed_cells(g_acc) if len(g_acc) else {}
+        by_seed = seed_cells(g_acc) if len(g_acc) else {}
         seed_values = np.array([])
         if len(by_seed) > 1:
             (retention,), boot, (seed_values,) = seeded_bootstrap(store, dense_cells, [by_seed], int(seed)) \
@@ -250,7 +258,7 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
             "ppl_ratio": wiki.get("ppl_ratio", np.nan),
             "flops_ratio": eff["decoder_flops"] / eff["dense_decoder_flops"] if "decoder_flops" in eff else np.nan,
             "prefill_speedup": eff.get("prefill_speedup", np.nan),
-            "model": model,
+            "model": model, "device": device, "dtype": dtype,
         })
     frame = pd.DataFrame(out)
     if len(frame):
@@ -270,7 +278,7 @@ def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
         model, target, seed, device, dtype, limit = key
         dense = dense_accuracy(acc, model, seed, device, dtype, {limit})
         dense_cells = dict(zip(dense["task"], dense["cell"], strict=False))
-        seeded = {m: _seed_cells(g) for m, g in group.groupby("method") if m != "dense"}
+        seeded = {m: seed_cells(g) for m, g in group.groupby("method") if m != "dense"}
         names = sorted(seeded)
         for i, a in enumerate(names):
             for b in names[i + 1:]:
@@ -284,7 +292,8 @@ def pairwise_differences(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
                     (ra, rb), boot, _ = result
                     diff, (lo, hi), p = ra - rb, _interval(boot[0] - boot[1]), bootstrap_p_value(boot[0] - boot[1])
                 if np.isfinite(diff):
-                    out.append({"model": model, "target": target, "a": a, "b": b, "retention_a_minus_b": diff,
+                    out.append({"model": model, "device": device, "dtype": dtype, "target": target, "a": a, "b": b,
+                                "retention_a_minus_b": diff,
                                 "lo": lo, "hi": hi, "ci_excludes_0": bool(np.isfinite(lo) and (lo > 0 or hi < 0)),
                                 "p": p})
     frame = pd.DataFrame(out)
@@ -358,11 +367,12 @@ def latency_sweep_table(rows: pd.DataFrame) -> pd.DataFrame:
     sweep = rows[rows["task"] == "latency_sweep"]
     if sweep.empty:
         return pd.DataFrame()
-    keys = ["model", "method", "target_sparsity", "batch", "seq_len"]
-    wide = sweep.pivot_table(index=keys, columns="metric", values="value", aggfunc="last").reset_index()
+    keys = ["model", "device", "dtype", "method", "target_sparsity", "batch", "seq_len"]
+    # calibration seeds of one method: their mean; `unstable` then reads > 0 when any seed's point was
+    wide = sweep.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean").reset_index()
     rounds = sweep.groupby(keys)["n"].max().reset_index(name="rounds")
     wide = wide.merge(rounds, on=keys)
-    wide["unstable"] = wide["unstable"].astype(bool)
+    wide["unstable"] = wide["unstable"] > 0
     return wide.sort_values(keys).reset_index(drop=True)
 
 
@@ -377,7 +387,8 @@ def format_latency_sweep(frame: pd.DataFrame) -> str:
 
     lines = []
     for _, row in frame.iterrows():
-        line = {"model": row["model"], "method": row["method"], "target": row["target_sparsity"],
+        line = {"model": row["model"], "device": row["device"], "method": row["method"],
+                "target": row["target_sparsity"],
                 "batch": int(row["batch"]), "seq_len": int(row["seq_len"]), "c": f"{row['compute_sparsity']:.3f}",
                 "ideal 1/(1-c)": f"{1 / (1 - row['compute_sparsity']):.2f}", "rounds": int(row["rounds"])}
         if row["unstable"]:
@@ -388,7 +399,8 @@ def format_latency_sweep(frame: pd.DataFrame) -> str:
         line["dense vs dense control"] = ci(row, "control_speedup")
         lines.append(line)
     table = pd.DataFrame(lines)
-    if table["model"].nunique() == 1:
-        table = table.drop(columns="model")
+    for column in ("model", "device"):
+        if table[column].nunique() == 1:
+            table = table.drop(columns=column)
     return table.to_string(index=False) + ("\n(unstable: the dense-vs-dense control's 95% CI misses 1.00, or a CI "
                                            "stayed wider than ±3% at the round cap; rerun on a quieter machine)")

@@ -19,6 +19,7 @@ BELOW_BEST = "‡"  # retention significantly below the best method's (Holm-adju
 class PaperTable:
     model: str
     target: float
+    setup: str  # device and dtype the rows were measured on
     frame: pd.DataFrame  # display strings, rows = methods
     best: str | None  # the method with the highest retention
     significant_below_best: tuple[str, ...]
@@ -40,21 +41,23 @@ def paper_tables(rows: pd.DataFrame, summary: pd.DataFrame, pairwise: pd.DataFra
     tasks = sorted(set(acc["task"]), key=lambda t: (list(TASKS).index(t) if t in TASKS else len(TASKS), t))
     tables = []
     pruned = summary[summary["method"] != "dense"]
-    for (model, target), group in pruned.groupby(["model", "target"], sort=True):
-        dense = summary[(summary["model"] == model) & (summary["method"] == "dense")]
+    for (model, device, dtype, target), group in pruned.groupby(["model", "device", "dtype", "target"], sort=True):
+        same_setup = (summary["model"] == model) & (summary["device"] == device) & (summary["dtype"] == dtype)
+        dense = summary[same_setup & (summary["method"] == "dense")]
         lines = pd.concat([dense.head(1), group.sort_values("method")])
         ranked = group.dropna(subset=["retention"])
         best = ranked.loc[ranked["retention"].idxmax(), "method"] if len(ranked) else None
         below = []
         if best is not None and len(pairwise):
-            same = pairwise[(pairwise["model"] == model) & (pairwise["target"] == target) & pairwise["significant"]]
+            same = pairwise[(pairwise["model"] == model) & (pairwise["device"] == device)
+                            & (pairwise["dtype"] == dtype) & (pairwise["target"] == target) & pairwise["significant"]]
             below = sorted({b if a == best else a for a, b in zip(same["a"], same["b"], strict=True)
                             if best in (a, b)})
         out = []
         for line in lines.to_dict("records"):
             method = line["method"]
-            mine = acc[(acc["model"] == model) & (acc["method"] == method)
-                       & (acc["target_sparsity"] == (0.0 if method == "dense" else target))]
+            mine = acc[(acc["model"] == model) & (acc["device"] == device) & (acc["dtype"] == dtype)
+                       & (acc["method"] == method) & (acc["target_sparsity"] == (0.0 if method == "dense" else target))]
             record = {"method": method}
             values = []
             for task in tasks:
@@ -75,12 +78,12 @@ def paper_tables(rows: pd.DataFrame, summary: pd.DataFrame, pairwise: pd.DataFra
             record["c"] = _fixed(line["c(tasks)"], "{:.3f}")
             record["prefill speedup"] = _fixed(line["prefill_speedup"], "{:.2f}×")
             out.append(record)
-        tables.append(PaperTable(model, float(target), pd.DataFrame(out), best, tuple(below)))
+        tables.append(PaperTable(model, float(target), f"{device}, {dtype}", pd.DataFrame(out), best, tuple(below)))
     return tables
 
 
 def caption(table: PaperTable) -> str:
-    return (f"{table.model}, target compute sparsity {table.target:g}. Accuracy (%; acc_norm where the task defines "
+    return (f"{table.model} ({table.setup}), target compute sparsity {table.target:g}. Accuracy (%; acc_norm where the task defines "
             f"it) per task and averaged; retention = pruned ÷ dense accuracy over the matched tasks, 95% paired-"
             f"bootstrap CI; c = compute sparsity measured on the scored items; {UNMATCHED} = unmatched cell (|c − "
             f"target| > 0.02, left out of retention); {BELOW_BEST} = retention significantly below the best method's "

@@ -203,9 +203,14 @@ def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path
     store.write("abc", {"x": 1}, [{"cell": "abc", "value": 1.0}])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = [store.staging / f"abc-{dead}", store.staging / f"old-abc-{dead}", store.cells / f".tmp-abc-{dead}"]
+    from bench.store import _this_host
+
+    here = _this_host()
+    stale = [store.staging / f"abc-{dead}", store.staging / f"old-abc-{dead}", store.cells / f".tmp-abc-{dead}",
+             store.staging / f"ghi@{here}-{dead}"]
     live = store.staging / f"def-{os.getppid()}"
-    for path in [*stale, live]:
+    elsewhere = store.staging / f"jkl@another-node-{dead}"  # a shared store: that node's pids are not ours to judge
+    for path in [*stale, live, elsewhere]:
         path.mkdir(parents=True)
     assert sorted(store.remove_stale()) == sorted(stale)
-    assert live.is_dir() and store.cell_names() == ["abc"]
+    assert live.is_dir() and elsewhere.is_dir() and store.cell_names() == ["abc"]

@@ -80,7 +80,7 @@ def test_table_latex_prints_one_table_per_model(two_model_store, capsys):
     latex = capsys.readouterr().out
     assert latex.count(r"\begin{table}") == 2 and latex.count(r"\end{tabular}") == 2
     for model in MODELS:
-        assert f"{model}, target compute sparsity 0.25" in latex
+        assert f"{model} (cpu, float32), target compute sparsity 0.25" in latex
     assert r"\textbf{" in latex and "_" not in latex.replace(r"\_", "")  # best retention bold; escaped names
     assert main(["table", "--results", str(two_model_store), "--summary"]) == 0
     text = capsys.readouterr().out
