@@ -224,9 +224,12 @@ def layer_profiles(rows: pd.DataFrame, store: Store) -> dict[str, pd.DataFrame]:
     out: dict[str, pd.DataFrame] = {}
     for model, group in wiki.groupby("model"):
         lines = {}
+        seeded = "calibration_seed" in group and group["calibration_seed"].nunique() > 1
         for r in group.sort_values(["method", "target_sparsity"]).itertuples():
             stats = store.load_identity(r.cell).get("stats", {})
             label = _label(r.method, r.target_sparsity)
+            if seeded and not pd.isna(r.calibration_seed):  # one row per calibration seed
+                label += f" seed {int(r.calibration_seed)}"
             fractions = stats.get("per_layer_computed_fraction") or []
             if "blocks_removed" in stats and fractions:
                 layers = len(fractions)

@@ -197,8 +197,12 @@ def dry_run(config, out=print) -> None:
 
     plan = plan_methods(config)
     tasks = config.tasks or list(DEFAULT_TASKS)
-    units = [*tasks, "wikitext2", "efficiency"]
+    units = [*tasks, *(["wikitext2"] if config.measure_ppl else []),
+             *(["efficiency"] if config.measure_efficiency else [])]
     out(f"[dry-run] model={config.model} device={config.device} dtype={config.dtype} seed={config.seed}")
+    sweep = sum(1 for m in plan if m.registry_name != "dense") if config.latency_sweep else 0
+    if sweep:
+        out(f"[dry-run] + {sweep} latency-sweep cells (one per pruned method setting)")
     out(f"[dry-run] {len(plan)} method settings × {len(units)} units = {len(plan) * len(units)} cells "
         f"(tasks: {', '.join(tasks)}; limit {config.limit or 'all'} items; WikiText-2 {config.ppl_windows or 'all'} "
         f"windows × {config.ppl_seq_len}; efficiency probe)")
