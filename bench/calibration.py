@@ -39,7 +39,7 @@ def load_calibration(tokenizer, n_samples: int = 64, seq_len: int = 512, seed: i
                      source: str = DEFAULT_SOURCE) -> CalibrationSet:
     """`n_samples` windows of `seq_len` tokens as one [n_samples, seq_len] tensor; each starts with BOS (and holds
     seq_len − 1 tokens of text) when the model's tokenizer adds one (`adds_bos`)."""
-    from bench.models import adds_bos
+    from bench.models import adds_bos, prepend_bos
 
     if source not in SOURCES:
         raise BenchError(f"unknown calibration source {source!r}; use one of {sorted(SOURCES)}")
@@ -55,6 +55,6 @@ def load_calibration(tokenizer, n_samples: int = 64, seq_len: int = 512, seed: i
                          f"{n_samples} were asked for; use --calibration-source c4-all or fewer samples")
     windows = stream[: n_samples * body].view(n_samples, body)
     if bos:
-        windows = torch.cat([torch.full((n_samples, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
+        windows = prepend_bos(windows, tokenizer)
     description = f"{source}:n{n_samples}:len{seq_len}:seed{seed}" + (":bos" if bos else "")
     return CalibrationSet.from_tensor(windows.clone(), description)

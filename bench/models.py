@@ -187,6 +187,12 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
+def prepend_bos(windows: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[n, m] token windows -> [n, 1 + m], each starting with the tokenizer's BOS."""
+    bos = torch.full((windows.shape[0], 1), tokenizer.bos_token_id, dtype=windows.dtype)
+    return torch.cat([bos, windows], dim=1)
+
+
 SMALL_HIDDEN = 256  # below this width a second CPU thread only spins (see cpu_threads)
 
 

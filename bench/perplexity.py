@@ -31,7 +31,7 @@ def wikitext_windows(tokenizer, seq_len: int = 512, max_windows: int | None = 40
                      bos: bool | None = None) -> torch.Tensor:
     """[n_windows, seq_len]; with `bos` (default: when the tokenizer adds one, see `adds_bos`), each window
     starts with the BOS token and holds seq_len − 1 tokens of text."""
-    from bench.models import adds_bos
+    from bench.models import adds_bos, prepend_bos
 
     bos = adds_bos(tokenizer) if bos is None else bos
     ids = _wikitext_ids(tokenizer)
@@ -39,7 +39,7 @@ def wikitext_windows(tokenizer, seq_len: int = 512, max_windows: int | None = 40
     n = len(ids) // body if max_windows is None else min(max_windows, len(ids) // body)
     windows = ids[: n * body].view(n, body)
     if bos:
-        windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
+        windows = prepend_bos(windows, tokenizer)
     return windows
 
 

@@ -105,19 +105,12 @@ def seeded_bootstrap(store: Store, dense_cells: dict[str, str], methods: list[di
     flat = [cells for m in methods for cells in m.values()]
     dense_t: list[np.ndarray] = []
     per: list[list[list[np.ndarray]]] = [[[] for _ in m] for m in methods]
-    for task in flat[0]:
-        if task not in dense_cells or not all(task in cells for cells in flat):
-            continue
-        metric = primary_metric(task)
-        dense = _item_scores(store, dense_cells[task], metric)
-        scored = [[_item_scores(store, cells[task], metric) for cells in m.values()] for m in methods]
-        ids = sorted(set(dense).intersection(*(set(x) for xs in scored for x in xs)))
-        if not ids:
-            continue
-        dense_t.append(np.array([dense[i] for i in ids]))
-        for mi, xs in enumerate(scored):
-            for si, x in enumerate(xs):
-                per[mi][si].append(np.array([x[i] for i in ids]))
+    for dense, arrays in _aligned_items(store, dense_cells, *flat):
+        dense_t.append(dense)
+        columns = iter(arrays)  # flat order: each method's seeds in turn
+        for mi, m in enumerate(methods):
+            for si in range(len(m)):
+                per[mi][si].append(next(columns))
     if not dense_t:
         return None
     idx = [rng.integers(0, len(d), size=(BOOTSTRAP_SAMPLES, len(d))) for d in dense_t]
