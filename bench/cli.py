@@ -251,16 +251,22 @@ def cmd_table(args) -> int:
             current_rows,
             format_latency_sweep,
             format_pairwise,
+            format_retention_at_targets,
             format_summary,
             format_unmatched,
             latency_sweep_table,
             pairwise_differences,
+            retention_at_targets,
             summarize,
             unmatched_cells,
         )
 
         rows = current_rows(rows)
-        print(format_summary(summarize(rows, store)))
+        summary = summarize(rows, store)
+        print(format_summary(summary))
+        if len(summary) and summary.groupby("model")["target"].nunique().max() > 2:  # dense's 0 and two targets
+            print("\nRetention at each target c (read off each method's retention-vs-measured-c curve):")
+            print(format_retention_at_targets(retention_at_targets(summary)))
         print("\nUnmatched cells (|c − target| > 0.02 on the scored inputs; left out of retention):")
         print(format_unmatched(unmatched_cells(rows[rows["method"] != "dense"])))
         print("\nMethod against method (matched tasks only):")

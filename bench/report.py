@@ -23,10 +23,12 @@ from bench.summary import (  # noqa: E402
     current_rows,
     format_latency_sweep,
     format_pairwise,
+    format_retention_at_targets,
     format_summary,
     format_unmatched,
     latency_sweep_table,
     pairwise_differences,
+    retention_at_targets,
     summarize,
     unmatched_cells,
 )
@@ -338,6 +340,7 @@ def write_report(results: str, out: str) -> list[Path]:
     pairwise = pairwise_differences(rows, store)
     tables = paper_tables(rows, summary, pairwise)
     real = what_is_real(summary, pairwise)
+    at_targets = retention_at_targets(summary)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -384,13 +387,16 @@ def write_report(results: str, out: str) -> list[Path]:
         mine = rows[rows["model"] == model]
         per_model.append((model, [t for t in tables if t.model == model],
                           format_summary(summary[summary["model"] == model]),
+                          format_retention_at_targets(at_targets[at_targets["model"] == model]
+                                                      if len(at_targets) else at_targets),
                           format_unmatched(unmatched_cells(mine[mine["method"] != "dense"])),
                           format_pairwise(pairwise[pairwise["model"] == model] if len(pairwise) else pairwise)))
     markdown = ["# Pruning benchmark report", "", intro, "", "## What is real", "", *[f"- {x}" for x in real], "",
                 "## Definitions", "", definitions, ""]
-    for model, model_tables, summary_text, unmatched_text, pairwise_text in per_model:
+    for model, model_tables, summary_text, at_text, unmatched_text, pairwise_text in per_model:
         markdown += [f"## {model}", "", "### Paper-style table", "", "```", format_text(model_tables), "```", "",
-                     "### Summary", "", "```", summary_text, "```", "", "### Unmatched cells", "", "```",
+                     "### Summary", "", "```", summary_text, "```", "", "### Retention at each target c", "", "```",
+                     at_text, "```", "", "### Unmatched cells", "", "```",
                      unmatched_text, "```", "", "### Method against method", "", pairwise_note, "", "```",
                      pairwise_text, "```", ""]
     markdown += ["## Latency sweep", "", "```", sweep_text, "```", ""]
@@ -401,9 +407,9 @@ def write_report(results: str, out: str) -> list[Path]:
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>Pruning benchmark report</title>",
             f"<style>{CSS}</style></head><body><h1>Pruning benchmark report</h1>", f"<p>{html.escape(intro)}</p>",
             "<h2>What is real</h2><ul>", *[f"<li>{html.escape(x)}</li>" for x in real], "</ul>"]
-    for model, model_tables, summary_text, unmatched_text, pairwise_text in per_model:
+    for model, model_tables, summary_text, at_text, unmatched_text, pairwise_text in per_model:
         page += [f"<h2>{html.escape(model)}</h2>", *[_html_table(t) for t in model_tables],
-                 "<h3>Summary</h3>", _pre(summary_text), "<h3>Method against method</h3>",
+                 "<h3>Summary</h3>", _pre(summary_text), "<h3>Retention at each target c</h3>", _pre(at_text), "<h3>Method against method</h3>",
                  f"<p>{html.escape(pairwise_note)}</p>", _pre(pairwise_text), "<h3>Unmatched cells</h3>",
                  _pre(unmatched_text)]
     page += ["<h2>Latency sweep</h2>", _pre(sweep_text)]

@@ -345,6 +345,55 @@ def format_summary(frame: pd.DataFrame) -> str:
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 
+MATCH_BAND = 0.02  # |c − target| within which a single measured point stands for the target
+
+
+def retention_at_targets(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each pruned method's retention at each target c studied for its model, read off its own retention-vs-measured-c
+    curve: linear interpolation between the two measured points that bracket the target (the CI bounds interpolated
+    with the same weights, which is exact when the two points' errors are perfectly correlated and otherwise a
+    conservative approximation), the point itself when one lies within ±0.02 of the target, and nothing where the
+    target lies outside the measured range (no extrapolation). `from c` names the measured points used."""
+    pruned = summary[(summary["method"] != "dense")].dropna(subset=["retention", "c(tasks)"])
+    out = []
+    for (model, method, _device, _dtype), g in pruned.groupby(["model", "method", "device", "dtype"], sort=True):
+        targets = sorted(summary.loc[(summary["model"] == model) & (summary["method"] != "dense"), "target"].unique())
+        points = g.sort_values("c(tasks)")
+        c = points["c(tasks)"].to_numpy(float)
+        for target in targets:
+            row = {"model": model, "method": method, "target": float(target)}
+            near = np.abs(c - target)
+            if near.min() <= MATCH_BAND and (len(c) == 1 or not (c.min() < target < c.max())):
+                k = int(near.argmin())
+                row.update({"retention": points["retention"].iloc[k], "lo": points["ret_lo"].iloc[k],
+                            "hi": points["ret_hi"].iloc[k], "from c": f"{c[k]:.3f}"})
+            elif c.min() < target < c.max():
+                k = int(np.searchsorted(c, target))
+                w = (target - c[k - 1]) / (c[k] - c[k - 1])
+                lerp = {name: (1 - w) * points[name].iloc[k - 1] + w * points[name].iloc[k]
+                        for name in ("retention", "ret_lo", "ret_hi")}
+                row.update({"retention": lerp["retention"], "lo": lerp["ret_lo"], "hi": lerp["ret_hi"],
+                            "from c": f"{c[k - 1]:.3f}–{c[k]:.3f}"})
+            else:
+                row.update({"retention": np.nan, "lo": np.nan, "hi": np.nan,
+                            "from c": "outside " + (f"{c[0]:.3f}" if len(c) == 1 else f"{c.min():.3f}–{c.max():.3f}")})
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def format_retention_at_targets(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(no pruned method with a retention)"
+    shown = frame.copy()
+    shown["retention at target (95% CI)"] = [
+        "-" if not np.isfinite(r) else f"{r:.3f} [{lo:.3f}, {hi:.3f}]"
+        for r, lo, hi in zip(shown["retention"], shown["lo"], shown["hi"], strict=True)]
+    columns = ["method", "target", "retention at target (95% CI)", "from c"]
+    return (shown[(["model"] if shown["model"].nunique() > 1 else []) + columns].to_string(index=False)
+            + "\n(linear in measured c between the bracketing points, CI bounds likewise; a point within ±0.02 "
+              "of the target stands for it; no extrapolation)")
+
+
 def format_unmatched(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(every cell is matched: |c − target| <= 0.02 on the scored inputs)"

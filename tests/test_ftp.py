@@ -332,6 +332,32 @@ def test_each_loss_is_zero_where_it_should_be():
     assert float(distillation_loss(h, 2 * h, normalised=True)) == pytest.approx(float((h ** 2).mean() / (2 * h).var()))
     assert guide_weight(0, 100) == 1.0 and guide_weight(25, 100) == 0.5 and guide_weight(50, 100) == 0.0
     assert guide_weight(99, 100) == 0.0
+    logits = torch.randn(1, 5, 11)
+    assert float(distillation_loss(logits, logits.clone(), target="logits")) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(1, 5, 11)
+    p_dense, log_q = torch.softmax(logits, -1), torch.log_softmax(other, -1)
+    kl = (p_dense * (torch.log_softmax(logits, -1) - log_q)).sum(-1).mean()  # KL(dense ‖ routed) per position
+    assert float(distillation_loss(other, logits, target="logits")) == pytest.approx(float(kl), rel=1e-5)
+
+
+def test_standardised_inputs_leave_the_router_unchanged_in_form():
+    """Inside, the router reads standardised inputs from re-expressed weights (same function); on exit the
+    standardisation is folded back: same outputs, no hook left, and a training step taken inside changes the
+    raw-input router exactly as it changed the standardised one."""
+    from methods.ftp.training import feature_moments, standardised_inputs
+
+    torch.manual_seed(0)
+    router = TokenRouter()
+    x = torch.rand(64, 4) * torch.tensor([1.0, 70.0, 1.0, 0.5])
+    before = router(x).detach()
+    with standardised_inputs(router, *feature_moments(x)):
+        torch.testing.assert_close(router(x), before)
+        with torch.no_grad():
+            router.net[0].weight[:, 1] += 0.5  # a step on the score input, in standardised units
+        inside = router(x).detach()
+    assert not router._forward_pre_hooks
+    torch.testing.assert_close(router(x), inside)
+    assert not torch.allclose(inside, before)
 
 
 def test_distillation_is_zero_when_every_token_is_computed(tiny):
@@ -531,6 +557,36 @@ def test_model_selection_keeps_the_best_router_including_the_start(tiny):
     assert len(history["loss_total"]) == 4 and history["loss_total"][0] > 0
     for key, value in ctl.router.state_dict().items():
         assert torch.equal(value, start[key]), key
+
+
+def test_standardised_model_selection_restores_the_best_router_in_raw_coordinates(tiny):
+    """With standardised joint training the selection snapshots are taken in standardised coordinates; the router
+    that comes out must compute what the best-scored one computed while it was scored."""
+    torch.manual_seed(0)
+    ctl = _warm_started_router(tiny, _ids(32, batch=4, seed=5))
+    features = torch.rand(256, 4) * torch.tensor([1.0, 20.0, 1.0, 0.5])
+    scored = []
+
+    def select():
+        scored.append(ctl.router(features).detach().clone())
+        return {"loss": [3.0, 1.0, 2.0][len(scored) - 1]}  # the check at step 2 is the best
+
+    moments = (features.mean(0), features.std(0))
+    with routed_model(tiny, ctl):
+        train_router(tiny, ctl, _ids(32, batch=4), TrainConfig(learning_rate=5e-2, select_every=2, standardised=True),
+                     select=select, progress=False, moments=moments)
+    assert len(scored) == 3 and not torch.allclose(scored[0], scored[1])
+    out = ctl.router(features).detach()
+    torch.testing.assert_close(out, scored[1], atol=1e-3, rtol=1e-4)  # fold/unfold rounding only
+    assert (out - scored[2]).abs().max() > 1e-2 and (out - scored[0]).abs().max() > 1e-2
+    assert not ctl.router._forward_pre_hooks
+
+
+def test_router_training_fields_stay_out_of_the_static_artifact_key():
+    static, learned = make_method("ftp-static", sparsity=0.25), make_method("ftp", sparsity=0.25)
+    assert "distill_target" not in static.calibration_config() and "distill_target" in learned.calibration_config()
+    assert (make_method("ftp-static", sparsity=0.25, learning_rate=1e-4).calibration_config()
+            == static.calibration_config())
 
 
 def test_committed_ftp_artifact_uses_the_papers_rule():

@@ -51,6 +51,7 @@ def test_report_has_a_section_and_a_panel_per_model(two_model_store, tmp_path):
     for model in MODELS:
         assert f"## {model}" in markdown and f"<h2>{model}</h2>" in page
     assert "## What is real" in markdown and markdown.count(" at c = 0.25:") == 2
+    assert markdown.count("### Retention at each target c") == 2 and page.count("<h3>Retention at each target c") == 2
     images = re.findall(r"src='data:image/png;base64,", page)
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "layer_profile.png" in pngs and "retention_vs_speedup.png" in pngs

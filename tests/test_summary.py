@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench.summary import paired_retention, retention_difference
@@ -170,3 +171,26 @@ def test_seed_variance_widens_the_ci_and_the_spread_is_reported():
     assert hi - lo > 1.5 * max(h - low for _, low, h in singles)
     (same,), boot_one, _ = seeded_bootstrap(store, dense_cells, [{0: seeds[0]}], seed=0)
     assert same == pytest.approx(singles[0][0])  # one seed: the item-only retention
+
+
+def test_retention_at_targets_interpolates_between_bracketing_points():
+    from bench.summary import format_retention_at_targets, retention_at_targets
+
+    def row(method, target, c, r, lo, hi):
+        return {"model": "m", "method": method, "target": target, "c(tasks)": c, "retention": r, "ret_lo": lo,
+                "ret_hi": hi, "device": "cpu", "dtype": "float32"}
+
+    summary = pd.DataFrame([row("dense", 0.0, 0.0, np.nan, np.nan, np.nan),
+                            row("a", 0.2, 0.20, 0.9, 0.8, 1.0), row("a", 0.3, 0.30, 0.7, 0.6, 0.8),
+                            row("b", 0.25, 0.233, 0.95, 0.9, 1.0), row("c", 0.35, 0.35, 0.5, 0.4, 0.6)])
+    at = retention_at_targets(summary).set_index(["method", "target"])
+    assert set(at.index.get_level_values("target")) == {0.2, 0.25, 0.3, 0.35}
+    a = at.loc[("a", 0.25)]
+    assert a["retention"] == pytest.approx(0.8) and a["lo"] == pytest.approx(0.7) and a["hi"] == pytest.approx(0.9)
+    assert a["from c"] == "0.200–0.300"
+    assert at.loc[("a", 0.2), "retention"] == pytest.approx(0.9)  # a measured point stands for its own target
+    assert np.isnan(at.loc[("a", 0.35), "retention"])  # no extrapolation
+    assert at.loc[("b", 0.25), "retention"] == pytest.approx(0.95)  # within ±0.02 of the target
+    assert np.isnan(at.loc[("b", 0.3), "retention"]) and np.isnan(at.loc[("c", 0.25), "retention"])
+    text = format_retention_at_targets(retention_at_targets(summary))
+    assert "0.800 [0.700, 0.900]" in text and "outside" in text

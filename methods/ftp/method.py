@@ -11,7 +11,8 @@ Budgets (`preset`):
   others. Hours on a CPU.
 - "cpu": about 15 minutes on 2 cores for SmolLM2-135M — population 16 × 10 generations scored on 4 held-out
   windows of 256 tokens, a warm start on 64 teacher-routed windows, 240 joint-training sequences of 256 tokens,
-  3 fine-tune generations, rescale measured on 12 held-out 512-token windows. It gives up search breadth (a
+  3 fine-tune generations, model selection on the 4 fitness windows at 512 tokens, rescale measured on 12 held-out
+  512-token windows. It gives up search breadth (a
   schedule that beats uniform but is not converged), a router trained on an eighth of the paper's sequences at half
   the length (its position and rank inputs are normalised, so it transfers to 512-token inputs), and a noisier
   fitness.
@@ -41,8 +42,9 @@ to its sparsity input stays where it lands, and the harness reports the cell unm
 
 Router training recipe (`methods.ftp.training`): a guide-only warm start on the static teacher at sampled schedule
 scales (attention-weighted, smoothed BCE on standardised inputs; a DAgger round on the router's own states), joint
-training with the three losses (hard straight-through ŝ_i, variance-normalised L_d, sampled scales, gated keys),
-and model selection by held-out LM loss at the target c. After calibration the artifact records, on the held-out
+training with the three losses (hard straight-through ŝ_i, L_d as KL(dense ‖ routed) on the logits, sampled
+scales, gated keys, standardised router inputs), and model selection by held-out LM loss at the target c on the
+fitness windows at `selection_seq_len` tokens (512: the length inference sees). After calibration the artifact records, on the held-out
 rescale windows at the learned router's measured c, the learned router's LM loss, the static router's (same
 schedule shape, scaled to the same measured c) and the fraction of routed (block, row) pairs that computed the
 first token.
@@ -80,16 +82,25 @@ from methods.ftp.training import TrainConfig, imitate_teacher, lm_loss, train_ro
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"elites": 4, "holdout_windows": 24, "population": 32, "generations": 30, "finetune_generations": 10,
               "warm_start_sequences": 256, "warm_start_steps": 3000, "train_sequences": 2000, "train_seq_len": 512, "select_every": 200,
+              "selection_seq_len": 512,
               "learning_rate": 1e-3, "fitness_windows": 8, "fitness_seq_len": 512, "rescale_windows": 16},
     "cpu": {"elites": 4, "holdout_windows": 16, "population": 16, "generations": 10, "finetune_generations": 3,
             "warm_start_sequences": 64, "warm_start_steps": 3000, "train_sequences": 240, "train_seq_len": 256, "select_every": 40,
+            "selection_seq_len": 512,
             "learning_rate": 1e-3, "fitness_windows": 4, "fitness_seq_len": 256, "rescale_windows": 12},
     # seconds on the tiny test model (tests only)
     "test": {"elites": 2, "learning_rate": 1e-3, "population": 4, "generations": 2, "finetune_generations": 1,
              "warm_start_sequences": 2, "warm_start_steps": 50, "train_sequences": 4, "train_seq_len": 32, "select_every": 2,
+             "selection_seq_len": 32,
              "fitness_windows": 1, "fitness_seq_len": 32, "rescale_windows": 1, "holdout_windows": 2},
 }
 ROUTER_PREFIX = "router."
+ROUTER_TRAINING_FIELDS = (
+    "position_input", "position_scale", "sparsity_input", "router_hidden", "gumbel_tau", "warm_start_sequences",
+    "warm_start_steps", "warm_start_lr", "warm_start_batch", "warm_start_weighted", "warm_start_smoothing",
+    "warm_start_rounds", "train_sequences", "train_seq_len", "learning_rate", "select_every", "selection_seq_len",
+    "train_scale_low", "train_scale_high", "guide_weight_start", "guide_decay_fraction", "sparsity_loss_weight",
+    "hard_sparsity", "distill_loss_weight", "distill_target", "distill_normalised", "joint_standardised")
 SELECTION_TOLERANCE = 0.01  # model selection scores each candidate router within ±0.01 of the target c
 SELECTION_ITERATIONS = 6
 
@@ -141,8 +152,12 @@ class FTP(Method):
     sparsity_loss_weight: float = 1.0
     hard_sparsity: bool = True
     distill_loss_weight: float = 1.0
-    distill_target: str = "final_norm"  # "final_norm" (last_hidden_state) or "block_output" (raw residual stream)
+    # "logits": KL(dense ‖ routed) of the next-token distributions; "final_norm" (last_hidden_state) or
+    # "block_output" (raw residual stream): MSE, ÷ the dense variance when distill_normalised
+    distill_target: str = "logits"
     distill_normalised: bool = True
+    joint_standardised: bool = True  # joint training on standardised router inputs (methods.ftp.training)
+    selection_seq_len: int | None = None  # model-selection window length (None: fitness_seq_len)
     # matching the target
     rescale_windows: int | None = None
     rescale_tolerance: float = 0.005
@@ -150,7 +165,7 @@ class FTP(Method):
     progress: bool = True
 
     name: ClassVar[str] = "ftp"
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "4"
     needs_calibration: ClassVar[bool] = True
     calibration_ignores: ClassVar[tuple[str, ...]] = ("progress",)
     sequence_dependent: ClassVar[bool] = True
@@ -201,13 +216,21 @@ class FTP(Method):
                 raise MethodConfigError(f"ftp: {key} must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 < self.train_scale_low <= self.train_scale_high:
             raise MethodConfigError("ftp: need 0 < train_scale_low <= train_scale_high, e.g. 0.6 and 1.4")
-        if self.distill_target not in ("final_norm", "block_output"):
-            raise MethodConfigError(f"ftp: distill_target must be 'final_norm' or 'block_output', "
+        if self.distill_target not in ("final_norm", "block_output", "logits"):
+            raise MethodConfigError(f"ftp: distill_target must be 'final_norm', 'block_output' or 'logits', "
                                     f"got {self.distill_target!r}")
         if not 0.0 < self.rescale_tolerance <= 0.02:
             raise MethodConfigError("ftp: rescale_tolerance must be in (0, 0.02] (the benchmark's matching band)")
 
     # -- calibration ------------------------------------------------------------------------------------------
+    def calibration_config(self) -> dict[str, Any]:
+        """Without a learned router (ftp-static, ftp-random) the router and its training recipe play no part in the
+        artifact, so they stay out of its key."""
+        config = super().calibration_config()
+        if self.router != "learned":
+            config = {k: v for k, v in config.items() if k not in ROUTER_TRAINING_FIELDS}
+        return config
+
     def schedule_mean(self, config) -> float:
         """Mean token sparsity S for the target compute sparsity (methods.md §5)."""
         return token_sparsity_for_compute(self.sparsity, config, self.reference_seq_len)
@@ -230,6 +253,7 @@ class FTP(Method):
                            guide_decay_fraction=self.guide_decay_fraction, sparsity_weight=self.sparsity_loss_weight,
                            distill_weight=self.distill_loss_weight, distill_target=self.distill_target,
                            distill_normalised=self.distill_normalised, hard_sparsity=self.hard_sparsity,
+                           standardised=self.joint_standardised,
                            scale_low=self.train_scale_low, scale_high=self.train_scale_high,
                            max_sparsity=self.max_block_sparsity, warm_start_steps=self.warm_start_steps,
                            warm_start_lr=self.warm_start_lr, warm_start_batch=self.warm_start_batch,
@@ -275,7 +299,10 @@ class FTP(Method):
                 artifact["ga_mean_fitness"] = searched.mean_fitness
             ctl.policy = self.policy(schedule)
             if mean > 0 and self.router == "learned":
-                artifact.update(self._train(model, ctl, schedule, train_rows, fitness_ids, rng))
+                # model selection reads the fitness windows, at selection_seq_len tokens (None: as the GA reads them)
+                selection_ids = holdout.input_ids[: self.fitness_windows,
+                                                  : self.selection_seq_len or self.fitness_seq_len].to(device)
+                artifact.update(self._train(model, ctl, schedule, train_rows, selection_ids, rng))
                 if self.schedule == "searched" and self.finetune_generations > 0:
                     # Fine-tune with exact budgets so the schedule's mean stays the token sparsity (an argmax router
                     # would let the search buy loss with less skipping); the final rescale matches argmax.
@@ -308,7 +335,7 @@ class FTP(Method):
                rng: random.Random) -> dict[str, Any]:
         """Warm start on the static teacher, then joint training with model selection (methods.ftp.training)."""
         config = self.train_config()
-        warm = imitate_teacher(model, ctl, train_rows[: self.warm_start_sequences], rng, config, seed=self.seed,
+        warm, moments = imitate_teacher(model, ctl, train_rows[: self.warm_start_sequences], rng, config, seed=self.seed,
                                progress=self.progress)
 
         def select() -> dict[str, float]:
@@ -320,7 +347,7 @@ class FTP(Method):
                     "first_token_computed_fraction": fit.measured["first_token_computed_fraction"]}
 
         joint = train_router(model, ctl, train_rows[: self.train_sequences], config,
-                             select=select, rng=rng, progress=self.progress)
+                             select=select, rng=rng, progress=self.progress, moments=moments)
         return {"warm_start_loss": warm, **joint}
 
     def _heldout_report(self, model, ctl: RoutingController, schedule, windows: torch.Tensor,

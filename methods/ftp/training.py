@@ -15,18 +15,22 @@ the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper lea
 2. **Joint training** with the three losses, again at a sampled schedule scale per window, so the sparsity input
    keeps carrying information. The simulation gates keys instead of masking them (each key's attention
    probabilities times its gate, renormalised: with hard gates exactly the mask), so L_d's gradient also sees what
-   a skipped key was worth to the tokens attending to it. Two more choices differ from a literal reading: ŝ_i is measured on the hard
-   (straight-through) gates, so P ≈ 0.5 everywhere cannot satisfy L_s, and L_d is the MSE divided by the dense
-   target's variance (SmolLM2's hidden states would otherwise make it dwarf λ_s·L_s).
-3. **Model selection on held-out calibration text**: the router after the warm start and every `select_every`
-   steps is scored by its LM loss at the target compute sparsity (schedule scale solved per candidate), and the
-   best is kept, so the kept router is never worse than the warm start on that text."""
+   a skipped key was worth to the tokens attending to it. Three choices differ from a literal reading: ŝ_i is
+   measured on the hard (straight-through) gates, so P ≈ 0.5 everywhere cannot satisfy L_s; L_d is KL(dense ‖
+   routed) of the next-token distributions (nats per position, the scale of the LM loss; the MSE on SmolLM2's
+   hidden states, even ÷ the dense variance, sat at 0.6-0.7 and joint training drifted from the warm start); and
+   the optimiser works on standardised router inputs like the warm start (Adam's per-weight steps would otherwise
+   be ~70× larger on the attention-score input than on the others), folded back afterwards.
+3. **Model selection on held-out calibration text** (windows of the length inference sees): the router after the
+   warm start and every `select_every` steps is scored by its LM loss at the target compute sparsity (schedule
+   scale solved per candidate), and the best is kept, so the kept router is never worse than the warm start on that text."""
 
 from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,8 +63,15 @@ def sparsity_loss(computed: dict[int, torch.Tensor], schedule, valid: torch.Tens
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def distillation_loss(hidden: torch.Tensor, dense_hidden: torch.Tensor, normalised: bool = False) -> torch.Tensor:
-    """L_d: MSE between the routed and the dense model's final block outputs (optionally ÷ the dense variance)."""
+def distillation_loss(hidden: torch.Tensor, dense_hidden: torch.Tensor, normalised: bool = False,
+                      target: str = "final_norm") -> torch.Tensor:
+    """L_d: MSE between the routed and the dense model's final block outputs (optionally ÷ the dense variance), or,
+    with `target="logits"`, KL(dense ‖ routed) of the next-token distributions, in nats per position (already on
+    the scale of the LM loss the selection measures)."""
+    if target == "logits":
+        return F.kl_div(F.log_softmax(hidden.float(), -1).flatten(0, -2),
+                        F.log_softmax(dense_hidden.float(), -1).flatten(0, -2), log_target=True,
+                        reduction="batchmean")
     mse = F.mse_loss(hidden.float(), dense_hidden.float())
     return mse / dense_hidden.float().var().clamp(min=1e-12) if normalised else mse
 
@@ -79,7 +90,9 @@ class TrainConfig:
     sparsity_weight: float = 1.0
     distill_weight: float = 1.0
     distill_target: str = "final_norm"  # "final_norm": last_hidden_state (LM-head input); "block_output": raw
-    distill_normalised: bool = True  # L_d ÷ Var(dense target)
+    # residual stream; "logits": KL(dense ‖ routed) of the next-token distributions
+    distill_normalised: bool = True  # L_d ÷ Var(dense target) (MSE targets only)
+    standardised: bool = False  # joint training on standardised router inputs (as the warm start fits)
     hard_sparsity: bool = True  # ŝ_i from the straight-through hard gates (False: soft probabilities)
     scale_low: float = 0.6  # schedule scale drawn per training window from [scale_low, scale_high]
     scale_high: float = 1.4
@@ -122,6 +135,33 @@ def teacher_features(model, controller: RoutingController, windows: torch.Tensor
     return features, decisions
 
 
+@contextmanager
+def standardised_inputs(router: TokenRouter, mean: torch.Tensor, std: torch.Tensor) -> Iterator[None]:
+    """Train the router in standardised input coordinates (the attention score runs to ~70 where the other inputs
+    stay in [0, 1], so Adam's per-weight steps would be ~70× larger on that input): the first layer is re-expressed
+    for (x − μ)/σ and the router standardises its inputs while inside; on exit the standardisation is folded back
+    into the first layer, so the router is unchanged in form (w·(x − μ)/σ + b = (w/σ)·x + b − (w/σ)·μ)."""
+    first = router.net[0]
+    mean, std = mean.to(first.weight), std.to(first.weight)
+    with torch.no_grad():
+        first.bias += first.weight @ mean
+        first.weight *= std
+    handle = router.register_forward_pre_hook(lambda _module, args: ((args[0] - mean) / std,))
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            first.weight /= std
+            first.bias -= first.weight @ mean
+
+
+def feature_moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-input mean and standard deviation (1 where an input is constant)."""
+    std = features.std(0)
+    return features.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
 def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Tensor, config: TrainConfig,
                seed: int = 0, progress: bool = True) -> list[float]:
     """Fit the router to the teacher's decisions by BCE alone: Adam on random minibatches, cosine-decayed learning
@@ -131,16 +171,6 @@ def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Ten
     device = next(router.parameters()).device
     features, decisions = features.to(device), decisions.to(device)
     weights = 1.0 + features[:, 1].clamp(min=0) if config.warm_start_weighted else torch.ones_like(decisions)
-    # Fit on standardised inputs (the attention score runs to ~70 where the other inputs stay in [0, 1]) and fold
-    # the standardisation into the first linear layer afterwards: the same router, a better-conditioned fit.
-    mean = features.mean(0)
-    std = features.std(0)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    first = router.net[0]
-    with torch.no_grad():  # express the current router in standardised coordinates
-        first.bias += first.weight @ mean
-        first.weight *= std
-    features = (features - mean) / std
     weights = weights / weights.mean()
     targets = decisions * (1 - 2 * config.warm_start_smoothing) + config.warm_start_smoothing
     optimizer = torch.optim.Adam(router.parameters(), lr=config.warm_start_lr)
@@ -149,7 +179,8 @@ def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Ten
     batch = min(config.warm_start_batch, len(features))
     history = []
     router.train()
-    with torch.enable_grad():
+    # A better-conditioned fit on standardised inputs, folded back afterwards (same router).
+    with torch.enable_grad(), standardised_inputs(router, *feature_moments(features)):
         for _ in tqdm(range(config.warm_start_steps), desc="ftp: warm start (guide loss)", disable=not progress):
             index = torch.randint(0, len(features), (batch,), generator=generator).to(device)
             p_compute = torch.softmax(router(features[index]).float(), -1)[:, 0]
@@ -159,21 +190,19 @@ def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Ten
             optimizer.step()
             schedule.step()
             history.append(float(loss.detach()))
-    with torch.no_grad():  # back to raw inputs: w·(x - μ)/σ + b = (w/σ)·x + b - (w/σ)·μ
-        first.weight /= std
-        first.bias -= first.weight @ mean
     router.eval()
     return history
 
 
 def imitate_teacher(model, controller: RoutingController, windows: torch.Tensor, rng: random.Random,
-                    config: TrainConfig, seed: int = 0, progress: bool = True) -> list[float]:
+                    config: TrainConfig, seed: int = 0,
+                    progress: bool = True) -> tuple[list[float], tuple[torch.Tensor, torch.Tensor]]:
     """The warm start: fit the router to the static router's decisions in the states the static router produces,
     then, for `warm_start_rounds - 1` more rounds, add the static rule's labels in the states the fitted router's
     own routing produces and refit on everything (DAgger). One round alone leaves a feedback loop: a token the
     router skips in one block keeps a stale attention score in the next, a state the teacher never shows it (the
     first token, skipped at block 1 while its score is still block 0's, was then skipped everywhere). Returns the
-    minibatch losses of all rounds."""
+    minibatch losses of all rounds and the inputs' moments (mean, std) over everything fitted."""
     features, decisions = teacher_features(model, controller, windows, rng, config, progress)
     history = warm_start(controller.router, features, decisions, config, seed, progress)
     for round_ in range(1, config.warm_start_rounds):
@@ -181,21 +210,27 @@ def imitate_teacher(model, controller: RoutingController, windows: torch.Tensor,
                                                        kind="learned")
         features, decisions = torch.cat([features, own_features]), torch.cat([decisions, own_decisions])
         history += warm_start(controller.router, features, decisions, config, seed + round_, progress)
-    return history
+    return history, feature_moments(features)
 
 
 def train_router(model, controller: RoutingController, windows: torch.Tensor, config: TrainConfig,
                  select: Callable[[], dict[str, float]] | None = None, rng: random.Random | None = None,
-                 progress: bool = True) -> dict[str, list]:
+                 progress: bool = True,
+                 moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, list]:
     """Joint training, one epoch over `windows` [n, T] at batch size 1; returns the per-step loss history and, with
     `select` (held-out score of the current router, lower is better, under "loss"), the selection history. The
-    router ends holding the best-scored weights (the starting ones included)."""
+    router ends holding the best-scored weights (the starting ones included). With `config.standardised` the
+    optimiser works on inputs standardised by `moments` (the warm start's)."""
     router = controller.router
     rng = rng or random.Random(0)
     optimizer = torch.optim.Adam(router.parameters(), lr=config.learning_rate)
     history: dict[str, list] = {"loss_total": [], "loss_guide": [], "loss_sparsity": [], "loss_distill": [],
                                 "guide_weight": [], "achieved_skip": [], "selection": []}
     best: tuple[float, dict] | None = None
+
+    if config.standardised and moments is None:
+        raise ValueError("standardised joint training needs the input moments (imitate_teacher returns them)")
+    coordinates = standardised_inputs(router, *moments) if config.standardised else nullcontext()
 
     def check(step: int) -> None:
         nonlocal best
@@ -208,8 +243,17 @@ def train_router(model, controller: RoutingController, windows: torch.Tensor, co
         if best is None or score["loss"] < best[0]:
             best = (score["loss"], copy.deepcopy(router.state_dict()))
 
+    with coordinates:  # the selection snapshots are taken and restored in the same coordinates
+        _joint_epoch(model, controller, windows, config, optimizer, history, check, rng, progress)
+        if best is not None:
+            router.load_state_dict(best[1])
+    return history
+
+
+def _joint_epoch(model, controller: RoutingController, windows: torch.Tensor, config: TrainConfig, optimizer,
+                 history: dict[str, list], check: Callable[[int], None], rng: random.Random, progress: bool) -> None:
+    router, base = controller.router, controller.policy
     device = next(model.parameters()).device
-    base = controller.policy
     check(0)
     bar = tqdm(range(len(windows)), desc="ftp: router training", disable=not progress)
     router.train()
@@ -225,7 +269,7 @@ def train_router(model, controller: RoutingController, windows: torch.Tensor, co
                 l_guide = guide_loss(sim.p_compute, sim.static_compute, valid)
                 gates = sim.gates if config.hard_sparsity else sim.p_compute
                 l_sparsity = sparsity_loss(gates, controller.policy.schedule, valid)
-                l_distill = distillation_loss(hidden, dense_hidden, config.distill_normalised)
+                l_distill = distillation_loss(hidden, dense_hidden, config.distill_normalised, config.distill_target)
                 weight = guide_weight(step, len(windows), config.guide_weight_start, config.guide_decay_fraction)
                 loss = weight * l_guide + config.sparsity_weight * l_sparsity + config.distill_weight * l_distill
                 optimizer.zero_grad(set_to_none=True)
@@ -248,16 +292,16 @@ def train_router(model, controller: RoutingController, windows: torch.Tensor, co
         controller.policy = base
         controller.final_hidden = None
         router.eval()
-    if best is not None:
-        router.load_state_dict(best[1])
-    return history
 
 
 def _final_hidden(model, controller: RoutingController, input_ids: torch.Tensor, target: str) -> torch.Tensor:
-    """The distillation target: the decoder's last_hidden_state (after the final norm) or the raw last block output.
+    """The distillation target: the decoder's last_hidden_state (after the final norm), the raw last block output, or
+    the logits.
 
     SmolLM2's raw residual stream carries massive activations (rms ≈ 43, the first token ≈ 228, max |h| ≈ 3,400),
     which make a raw MSE ≈ 2,000 and drown λ_s = 1; the normed state is what the LM head reads."""
+    if target == "logits":
+        return model(input_ids=input_ids, use_cache=False).logits
     normed = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
     return normed if target == "final_norm" else controller.final_hidden
 
