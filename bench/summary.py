@@ -30,8 +30,19 @@ def current_rows(rows: pd.DataFrame) -> pd.DataFrame:
     keys = ["model", "method", "target_sparsity", "seed", "calibration_seed", "device", "dtype", "task", "limit"]
     keys = [k for k in keys if k in rows]
     per_cell = rows.drop_duplicates("cell").sort_values("timestamp")  # a cell's rows share one timestamp
+    if "calibration_seed" in per_cell:
+        per_cell = per_cell.assign(calibration_seed=calibration_seeds(per_cell))
     latest = per_cell.groupby(keys, dropna=False, sort=False)["cell"].last()
     return rows[rows["cell"].isin(set(latest))]
+
+
+def calibration_seeds(frame: pd.DataFrame) -> pd.Series:
+    """Each row's calibration seed. Cells written before it was recorded were calibrated with the run's `seed` (the
+    only choice then), so a missing value of a pruned method reads as that seed; dense has none."""
+    if "calibration_seed" not in frame:
+        return pd.Series(pd.NA, index=frame.index, dtype="Int64")
+    missing = frame["calibration_seed"].isna() & (frame["method"] != "dense")
+    return frame["calibration_seed"].astype("Int64").where(~missing, frame["seed"].astype("Int64"))
 
 
 def accuracy_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -136,10 +147,11 @@ def seeded_bootstrap(store: Store, dense_cells: dict[str, str], methods: list[di
 
 
 def seed_cells(acc: pd.DataFrame) -> dict[int, dict[str, str]]:
-    """{calibration seed: {task: cell}} (cells written before seeds were recorded count as one seed, -1)."""
+    """{calibration seed: {task: cell}} (`calibration_seeds`: a cell written before seeds were recorded counts as
+    the run's seed; -1 where neither is known)."""
     if "calibration_seed" not in acc:
         return {-1: dict(zip(acc["task"], acc["cell"], strict=False))}
-    seeds = acc["calibration_seed"].fillna(-1).astype(int)
+    seeds = calibration_seeds(acc).fillna(-1).astype(int)
     return {int(s): dict(zip(g["task"], g["cell"], strict=False)) for s, g in acc.groupby(seeds)}
 
 

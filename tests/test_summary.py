@@ -194,3 +194,20 @@ def test_retention_at_targets_interpolates_between_bracketing_points():
     assert np.isnan(at.loc[("b", 0.3), "retention"]) and np.isnan(at.loc[("c", 0.25), "retention"])
     text = format_retention_at_targets(retention_at_targets(summary))
     assert "0.800 [0.700, 0.900]" in text and "outside" in text
+
+
+def test_cells_from_before_calibration_seeds_were_recorded_count_as_the_runs_seed():
+    """An older cell without `calibration_seed` was calibrated with the run's seed: a newer cell of the same method
+    and seed supersedes it instead of standing beside it as a second calibration seed."""
+    from bench.summary import current_rows, seed_cells
+
+    def row(cell, method, calibration_seed, timestamp):
+        return {"cell": cell, "model": "m", "method": method, "target_sparsity": 0.25, "seed": 0,
+                "calibration_seed": calibration_seed, "device": "cpu", "dtype": "float32", "task": "piqa",
+                "limit": 20, "timestamp": timestamp}
+
+    rows = pd.DataFrame([row("old", "ftp", None, "2026-01-01"), row("new", "ftp", 0, "2026-02-01"),
+                         row("seed1", "ftp", 1, "2026-02-02"), row("dense", "dense", None, "2026-01-01")])
+    rows["calibration_seed"] = rows["calibration_seed"].astype("Int64")
+    assert set(current_rows(rows)["cell"]) == {"new", "seed1", "dense"}
+    assert seed_cells(rows[rows["cell"].isin(["old", "seed1"])]) == {0: {"piqa": "old"}, 1: {"piqa": "seed1"}}
