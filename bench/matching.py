@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.defaults import MATCH_TOLERANCE
 from bench.flops import counted_forward
 from methods.base import Method, scoring
 
-MATCH_TOLERANCE = 0.02  # |c − target| for a cell to count as matched
 SOLVE_TOLERANCE = 0.005  # what the knob solve aims for (inside the matching band: the scored c may differ slightly)
 MAX_SOLVE_STEPS = 12
 # A knob measured by running the model (argmax routing) is solved on an evenly spread subset of the unit's forwards

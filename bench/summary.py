@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bench.defaults import MATCH_TOLERANCE
 from bench.paired import ITEM_METRICS, bootstrap_p_value, holm, paired_item_metrics
 from bench.store import NON_TASK_UNITS, Store
 
@@ -357,25 +358,24 @@ def format_summary(frame: pd.DataFrame) -> str:
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 
-MATCH_BAND = 0.02  # |c − target| within which a single measured point stands for the target
-
-
 def retention_at_targets(summary: pd.DataFrame) -> pd.DataFrame:
     """Each pruned method's retention at each target c studied for its model, read off its own retention-vs-measured-c
     curve: linear interpolation between the two measured points that bracket the target (the CI bounds interpolated
     with the same weights, which is exact when the two points' errors are perfectly correlated and otherwise a
     conservative approximation), the point itself when one lies within ±0.02 of the target, and nothing where the
     target lies outside the measured range (no extrapolation). `from c` names the measured points used."""
-    pruned = summary[(summary["method"] != "dense")].dropna(subset=["retention", "c(tasks)"])
+    studied = summary[summary["method"] != "dense"]
+    targets_by_model = {model: sorted(g["target"].unique()) for model, g in studied.groupby("model")}
+    pruned = studied.dropna(subset=["retention", "c(tasks)"])
     out = []
     for (model, method, _device, _dtype), g in pruned.groupby(["model", "method", "device", "dtype"], sort=True):
-        targets = sorted(summary.loc[(summary["model"] == model) & (summary["method"] != "dense"), "target"].unique())
+        targets = targets_by_model[model]
         points = g.sort_values("c(tasks)")
         c = points["c(tasks)"].to_numpy(float)
         for target in targets:
             row = {"model": model, "method": method, "target": float(target)}
             near = np.abs(c - target)
-            if near.min() <= MATCH_BAND and (len(c) == 1 or not (c.min() < target < c.max())):
+            if near.min() <= MATCH_TOLERANCE and (len(c) == 1 or not (c.min() < target < c.max())):
                 k = int(near.argmin())
                 row.update({"retention": points["retention"].iloc[k], "lo": points["ret_lo"].iloc[k],
                             "hi": points["ret_hi"].iloc[k], "from c": f"{c[k]:.3f}"})

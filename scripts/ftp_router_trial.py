@@ -49,18 +49,13 @@ def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(method.seed)
     rng = random.Random(method.seed)
-    train_set, holdout = calibration.split(method.holdout_windows)
-    selection_ids = holdout.input_ids[: method.fitness_windows, : method.selection_seq_len or method.fitness_seq_len]
-    rescale_ids = holdout.input_ids[method.fitness_windows: method.fitness_windows + method.rescale_windows]
-    order = list(range(len(train_set.input_ids)))
-    rng.shuffle(order)
-    train_rows = train_set.input_ids[order][:, : method.train_seq_len]
+    windows = method.calibration_windows(calibration, rng, "cpu")  # as FTP.calibrate draws them
     ctl = method.controller(model.config, schedule, TokenRouter(method.router_hidden))
     with routed_model(model, ctl):
-        trained = method._train(model, ctl, schedule, train_rows, selection_ids, rng)
-        fit = solve_scale(model, ctl, schedule, rescale_ids, method.sparsity, method.rescale_tolerance,
+        trained = method.fit_router(model, ctl, schedule, windows, rng)
+        fit = solve_scale(model, ctl, schedule, windows.rescale, method.sparsity, method.rescale_tolerance,
                           method.rescale_iterations, method.max_block_sparsity, with_loss=True)
-        report = method._heldout_report(model, ctl, schedule, rescale_ids, fit.measured)
+        report = method.heldout_report(model, ctl, schedule, windows.rescale, fit.measured)
     for row in trained["selection"]:
         print("selection", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     print(json.dumps({"overrides": overrides, "seed": args.seed, "seconds": round(time.perf_counter() - start),

@@ -95,6 +95,18 @@ PRESETS: dict[str, dict[str, Any]] = {
              "fitness_windows": 1, "fitness_seq_len": 32, "rescale_windows": 1, "holdout_windows": 2},
 }
 ROUTER_PREFIX = "router."
+
+
+@dataclass(frozen=True)
+class CalibrationWindows:
+    """FTP's calibration windows by use (`FTP.calibration_windows`)."""
+
+    train: torch.Tensor  # router training, [n, train_seq_len]
+    fitness: torch.Tensor  # GA fitness, [fitness_windows, fitness_seq_len]
+    selection: torch.Tensor  # model selection, [fitness_windows, selection_seq_len]
+    rescale: torch.Tensor  # target matching and the held-out report, [rescale_windows, seq_len]
+
+
 ROUTER_TRAINING_FIELDS = (
     "position_input", "position_scale", "sparsity_input", "router_hidden", "gumbel_tau", "warm_start_sequences",
     "warm_start_steps", "warm_start_lr", "warm_start_batch", "warm_start_weighted", "warm_start_smoothing",
@@ -270,13 +282,9 @@ class FTP(Method):
         if mean * num_blocks / max(1, num_blocks - 1) > self.max_block_sparsity:
             raise MethodConfigError(f"ftp: sparsity {self.sparsity} needs more than max_block_sparsity "
                                     f"{self.max_block_sparsity} per block; lower the sparsity")
-        train_set, holdout = calibration.split(self.holdout_windows)
         device = next(model.parameters()).device
-        fitness_ids = holdout.input_ids[: self.fitness_windows, : self.fitness_seq_len].to(device)
-        rescale_ids = holdout.input_ids[self.fitness_windows: self.fitness_windows + self.rescale_windows].to(device)
-        order = list(range(len(train_set.input_ids)))
-        rng.shuffle(order)
-        train_rows = train_set.input_ids[order][:, : self.train_seq_len]
+        windows = self.calibration_windows(calibration, rng, device)
+        fitness_ids, rescale_ids = windows.fitness, windows.rescale
         router = TokenRouter(self.router_hidden).to(device)
         schedule = uniform_schedule(num_blocks, mean)
         ctl = self.controller(config, schedule, router if self.router == "learned" else None)
@@ -299,10 +307,7 @@ class FTP(Method):
                 artifact["ga_mean_fitness"] = searched.mean_fitness
             ctl.policy = self.policy(schedule)
             if mean > 0 and self.router == "learned":
-                # model selection reads the fitness windows, at selection_seq_len tokens (None: as the GA reads them)
-                selection_ids = holdout.input_ids[: self.fitness_windows,
-                                                  : self.selection_seq_len or self.fitness_seq_len].to(device)
-                artifact.update(self._train(model, ctl, schedule, train_rows, selection_ids, rng))
+                artifact.update(self.fit_router(model, ctl, schedule, windows, rng))
                 if self.schedule == "searched" and self.finetune_generations > 0:
                     # Fine-tune with exact budgets so the schedule's mean stays the token sparsity (an argmax router
                     # would let the search buy loss with less skipping); the final rescale matches argmax.
@@ -317,7 +322,7 @@ class FTP(Method):
             if mean > 0:
                 fit = solve_scale(model, ctl, schedule, rescale_ids, self.sparsity, self.rescale_tolerance,
                                   self.rescale_iterations, self.max_block_sparsity, with_loss=True)
-                artifact.update(self._heldout_report(model, ctl, schedule, rescale_ids, fit.measured))
+                artifact.update(self.heldout_report(model, ctl, schedule, rescale_ids, fit.measured))
                 scale, measured, history = fit.scale, fit.measured, fit.history
             else:
                 scale, measured, history = 1.0, {}, []
@@ -331,12 +336,29 @@ class FTP(Method):
                 artifact[ROUTER_PREFIX + key] = tensor.detach().cpu().clone()
         return artifact
 
-    def _train(self, model, ctl: RoutingController, schedule, train_rows: torch.Tensor, selection_ids: torch.Tensor,
-               rng: random.Random) -> dict[str, Any]:
-        """Warm start on the static teacher, then joint training with model selection (methods.ftp.training)."""
+    def calibration_windows(self, calibration: CalibrationSet, rng: random.Random, device) -> CalibrationWindows:
+        """Split the calibration windows: the last `holdout_windows` rows are held out (the first `fitness_windows`
+        score the GA at `fitness_seq_len` tokens and model selection at `selection_seq_len`; the next
+        `rescale_windows` match the target and carry the held-out report); the rest, in an order drawn from `rng`,
+        cut to `train_seq_len`, train the router."""
+        train_set, holdout = calibration.split(self.holdout_windows)
+        fitness = holdout.input_ids[: self.fitness_windows]
+        order = list(range(len(train_set.input_ids)))
+        rng.shuffle(order)
+        return CalibrationWindows(
+            train=train_set.input_ids[order][:, : self.train_seq_len],
+            fitness=fitness[:, : self.fitness_seq_len].to(device),
+            selection=fitness[:, : self.selection_seq_len or self.fitness_seq_len].to(device),
+            rescale=holdout.input_ids[self.fitness_windows: self.fitness_windows + self.rescale_windows].to(device))
+
+    def fit_router(self, model, ctl: RoutingController, schedule, windows: CalibrationWindows,
+                   rng: random.Random) -> dict[str, Any]:
+        """Warm start on the static teacher, then joint training with model selection on `windows.selection`
+        (methods.ftp.training). Returns the training histories for the artifact."""
         config = self.train_config()
-        warm, moments = imitate_teacher(model, ctl, train_rows[: self.warm_start_sequences], rng, config, seed=self.seed,
-                               progress=self.progress)
+        train_rows, selection_ids = windows.train, windows.selection
+        warm, moments = imitate_teacher(model, ctl, train_rows[: self.warm_start_sequences], rng, config,
+                                        seed=self.seed, progress=self.progress)
 
         def select() -> dict[str, float]:
             fit = solve_scale(model, ctl, schedule, selection_ids, self.sparsity, SELECTION_TOLERANCE,
@@ -350,7 +372,7 @@ class FTP(Method):
                              select=select, rng=rng, progress=self.progress, moments=moments)
         return {"warm_start_loss": warm, **joint}
 
-    def _heldout_report(self, model, ctl: RoutingController, schedule, windows: torch.Tensor,
+    def heldout_report(self, model, ctl: RoutingController, schedule, windows: torch.Tensor,
                         measured: dict[str, Any]) -> dict[str, Any]:
         """On the held-out rescale windows at the measured c: LM loss of this router and of the static router with the
         same schedule shape scaled to the same measured c, and how often the first token is computed."""
