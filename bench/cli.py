@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS
+from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS, DEFAULT_TASKS
 from bench.errors import BenchError
 
 
@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS),
                    help=f"comma-separated (default {','.join(DEFAULT_METHODS)}; see `list`)")
     p.add_argument("--sparsity", type=_floats, default=[0.25], help="target compute sparsities, e.g. 0.25,0.4")
-    p.add_argument("--tasks", type=_names, default=None, help="comma-separated (default: all eight)")
+    p.add_argument("--tasks", type=_names, default=None,
+                   help=f"comma-separated (default {','.join(DEFAULT_TASKS)}: the tasks the default model is above "
+                        "chance on; `list` shows all eight)")
     p.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT,
                    help=f"items per task, or 'none' for all (default {DEFAULT_LIMIT}, sized for a 2-core CPU)")
     p.add_argument("--ppl-windows", type=_limit, default=DEFAULT_PPL_WINDOWS,
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("power", help="the smallest retention difference the study in the store can detect, and "
                                      "the items per task a 2-point difference needs")
     p.add_argument("--results", default="results")
+    p.add_argument("--tasks", type=_names, default=None,
+                   help="analyse only these tasks' items (what the study would show on a shorter task list)")
 
     p = sub.add_parser("calibrate", help="run or load a method's calibration and print its artifact")
     _add_model_args(p)
@@ -298,7 +302,12 @@ def cmd_power(args) -> int:
     from bench.summary import current_rows
 
     store = Store(args.results)
-    print(format_power(study_power(current_rows(store.load_rows()), store)))
+    tasks = None
+    if args.tasks:
+        from bench.tasks import resolve_tasks
+
+        tasks = resolve_tasks(args.tasks)
+    print(format_power(study_power(current_rows(store.load_rows()), store, tasks=tasks)))
     return 0
 
 

@@ -45,6 +45,10 @@ class StudyPower:
     mde: float
     items_for_detect: int
     near_chance: tuple[str, ...]
+    # median over the method pairs of |observed difference| / its SE: how far the differences this study did see
+    # stand out of its noise. Unlike the MDE it counts signal too, so it can compare task lists (a task where every
+    # method scores alike adds items that shrink the SE and dilute the differences alike). None with one method.
+    signal: float | None = None
 
 
 def _wilson_low(successes: float, n: int, z: float = 1.96) -> float:
@@ -74,49 +78,57 @@ def near_chance_tasks(store: Store, dense_cells: dict[str, str]) -> list[str]:
 
 
 def _draws(store: Store, dense_cells: dict[str, str], methods: list[dict[int, dict[str, str]]], seed: int,
-           seeded: bool) -> np.ndarray | None:
-    """Bootstrap retentions [methods, samples]: two-level (items, then seeds) when the study has calibration
-    seeds, the summary's item bootstrap otherwise."""
+           seeded: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """(point retentions [methods], bootstrap retentions [methods, samples]): two-level (items, then seeds) when
+    the study has calibration seeds, the summary's item bootstrap otherwise."""
     if seeded:
         result = seeded_bootstrap(store, dense_cells, methods, seed)
     else:
         result = bootstrap_retentions(store, dense_cells, [next(iter(m.values())) for m in methods], seed)
-    return None if result is None else result[1]
+    return None if result is None else (np.asarray(result[0], dtype=float), result[1])
 
 
 def study_power(rows: pd.DataFrame, store: Store, power: float = 0.8, alpha: float = 0.05,
-                detect: float = DETECT) -> list[StudyPower]:
+                detect: float = DETECT, tasks: list[str] | None = None) -> list[StudyPower]:
+    """One `StudyPower` per (model, target sparsity, ...) of the store; `tasks` restricts the analysis to those
+    tasks' items (what the same study would have shown on a shorter task list)."""
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
     acc = matched_only(accuracy_rows(rows))
+    if tasks is not None:
+        acc = acc[acc["task"].isin(tasks)]
     out = []
     keys = ["model", "target_sparsity", "seed", "device", "dtype", "limit"]
     for (model, target, seed, device, dtype, limit), group in acc.groupby(keys, dropna=False, sort=True):
         if target == 0:
             continue
         dense = dense_accuracy(accuracy_rows(rows), model, seed, device, dtype, {limit})
-        dense_cells = dict(zip(dense["task"], dense["cell"], strict=False))
+        dense_cells = {t: c for t, c in zip(dense["task"], dense["cell"], strict=False) if tasks is None or t in tasks}
         seeded = {m: seed_cells(g) for m, g in group.groupby("method") if m != "dense"}
         several = any(len(v) > 1 for v in seeded.values())
 
         names = sorted(seeded)
-        ses = []
+        ses, zs = [], []
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                draws = _draws(store, dense_cells, [seeded[a], seeded[b]], int(seed), several)
-                if draws is not None:
+                result = _draws(store, dense_cells, [seeded[a], seeded[b]], int(seed), several)
+                if result is not None:
+                    point, draws = result
                     ses.append(float(np.nanstd(draws[0] - draws[1])))
+                    if ses[-1] > 0 and np.isfinite(point[0] - point[1]):
+                        zs.append(abs(float(point[0] - point[1])) / ses[-1])
         pairs = len(ses)
         if not ses and names:  # one pruned method: the SE of its retention (a difference would be ~√2 × wider)
-            draws = _draws(store, dense_cells, [seeded[names[0]]], int(seed), several)
-            if draws is not None:
-                ses.append(float(np.nanstd(draws[0])))
+            result = _draws(store, dense_cells, [seeded[names[0]]], int(seed), several)
+            if result is not None:
+                ses.append(float(np.nanstd(result[1][0])))
         if not ses:
             continue
         se = float(np.median(ses))
         n_items = int(np.median(group.groupby("task")["n"].max())) if "n" in group else int(limit)
         mde = z * se
         out.append(StudyPower(str(model), float(target), int(group["task"].nunique()), n_items, pairs, se, mde,
-                              math.ceil(n_items * (mde / detect) ** 2), tuple(near_chance_tasks(store, dense_cells))))
+                              math.ceil(n_items * (mde / detect) ** 2), tuple(near_chance_tasks(store, dense_cells)),
+                              float(np.median(zs)) if zs else None))
     return out
 
 
@@ -133,6 +145,7 @@ def format_power(results: list[StudyPower]) -> str:
                "noisier)")
             + f"; a {100 * DETECT:.0f}-point difference needs "
             f"~{r.items_for_detect:,} items per task."
+            + (f" The differences it saw stand at median |Δ|/SE = {r.signal:.2f}." if r.signal is not None else "")
             + (f" Dense is not above chance on {', '.join(r.near_chance)}: those items add cost, not signal."
                if r.near_chance else ""))
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import datafiles
+from bench import datafiles, defaults
 from bench.errors import BenchError
 
 # Our tasks never call datasets.load_dataset, but nothing in lm-eval or datasets may try the hub either.
@@ -202,7 +202,8 @@ TASKS: dict[str, TaskInfo] = {
     )
 }
 
-DEFAULT_TASKS: list[str] = list(TASKS)
+DEFAULT_TASKS: list[str] = list(defaults.DEFAULT_TASKS)
+assert set(DEFAULT_TASKS) <= set(TASKS)
 
 
 def resolve_tasks(names: list[str]) -> list[str]:

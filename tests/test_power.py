@@ -18,14 +18,17 @@ class _Store:
         return self.samples[cell]
 
 
-def _planted(n: int, seed: int = 0, dense_right: dict | None = None):
-    """Dense, A (loses 10% of dense's right answers) and B (loses 20%) on piqa (2 choices) and arc_easy (4)."""
+def _planted(n: int, seed: int = 0, dense_right: dict | None = None, losses: dict | None = None):
+    """Dense, A (loses 10% of dense's right answers) and B (loses 20%) on piqa (2 choices) and arc_easy (4);
+    `losses` {task: (A's, B's)} overrides the shares lost."""
     rng = np.random.default_rng(seed)
     dense_right = dense_right or {"piqa": 0.8, "arc_easy": 0.8}
+    losses = losses or {}
     samples, rows = {}, []
     for task, choices in (("piqa", 2), ("arc_easy", 4)):
         dense = (rng.random(n) < dense_right[task]).astype(float)
-        for method, loss in (("dense", 0.0), ("a", 0.1), ("b", 0.2)):
+        loss_a, loss_b = losses.get(task, (0.1, 0.2))
+        for method, loss in (("dense", 0.0), ("a", loss_a), ("b", loss_b)):
             right = dense if method == "dense" else np.where(rng.random(n) < loss, 0.0, dense)
             cell = f"{task}/{method}"
             samples[cell] = [{"doc_id": i, "acc_norm": r, "acc": r, "loglikelihoods": [0.0] * choices}
@@ -53,3 +56,15 @@ def test_task_at_chance_is_flagged():
     assert result.near_chance == ("piqa",)
     (result,) = study_power(*_planted(200, dense_right={"piqa": 0.8, "arc_easy": 0.25}))
     assert result.near_chance == ("arc_easy",)
+
+
+def test_signal_tells_a_diluting_task_from_an_informative_one():
+    """A task on which both methods lose alike adds items (smaller SE) but no difference: the MDE looks better with
+    it, the observed |Δ|/SE worse; restricted to the informative task (`tasks=`), the signal rises."""
+    planted = _planted(400, losses={"piqa": (0.3, 0.3), "arc_easy": (0.02, 0.3)})
+    (both,) = study_power(*planted)
+    (informative,) = study_power(*planted, tasks=["arc_easy"])
+    assert both.tasks == 2 and informative.tasks == 1
+    assert informative.se > both.se  # half the items
+    assert informative.signal > 1.3 * both.signal
+    assert both.signal > 2  # a 28-point loss difference on 400 items stands out either way

@@ -33,7 +33,7 @@ N_DOCS = 20
 
 @pytest.fixture(scope="module")
 def task_dict():
-    return tasks.build_task_dict(tasks.DEFAULT_TASKS)
+    return tasks.build_task_dict(list(tasks.TASKS))
 
 
 def built_requests(task, doc_ids: list[int] | None = None) -> dict[int, list[tuple[str, str]]]:
@@ -93,7 +93,7 @@ def our_golds(task, doc_ids) -> list[int]:
     return [gold_of(task.eval_docs[i]) for i in doc_ids]
 
 
-@pytest.mark.parametrize("name", tasks.DEFAULT_TASKS)
+@pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_requests_equal_builtin_definition(task_dict, name):
     task = task_dict[name]
     ours = built_requests(task)
@@ -160,7 +160,7 @@ def raw_expected(name: str, doc_ids: list[int]) -> tuple[list[list[tuple[str, st
     return out, golds
 
 
-@pytest.mark.parametrize("name", tasks.DEFAULT_TASKS)
+@pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_requests_equal_raw_files_under_lm_eval_prompts(task_dict, name):
     task = task_dict[name]
     ours = built_requests(task)
@@ -206,7 +206,7 @@ def test_item_counts_match_source_notes(task_dict):
 
 
 def test_task_infos_follow_builtin_metric_lists():
-    assert tasks.DEFAULT_TASKS == list(SOURCE_NOTE_COUNTS)
+    assert list(tasks.TASKS) == list(SOURCE_NOTE_COUNTS)
     for name, info in tasks.TASKS.items():
         builtin = tuple(m["metric"] for m in tasks.builtin_config(name)["metric_list"])
         assert info.metrics == builtin, name
