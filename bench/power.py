@@ -93,16 +93,17 @@ def study_power(rows: pd.DataFrame, store: Store, power: float = 0.8, alpha: flo
     """One `StudyPower` per (model, target sparsity, ...) of the store; `tasks` restricts the analysis to those
     tasks' items (what the same study would have shown on a shorter task list)."""
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    acc = matched_only(accuracy_rows(rows))
     if tasks is not None:
-        acc = acc[acc["task"].isin(tasks)]
+        rows = rows[rows["task"].isin(tasks)]
+    all_acc = accuracy_rows(rows)
+    acc = matched_only(all_acc)
     out = []
     keys = ["model", "target_sparsity", "seed", "device", "dtype", "limit"]
     for (model, target, seed, device, dtype, limit), group in acc.groupby(keys, dropna=False, sort=True):
         if target == 0:
             continue
-        dense = dense_accuracy(accuracy_rows(rows), model, seed, device, dtype, {limit})
-        dense_cells = {t: c for t, c in zip(dense["task"], dense["cell"], strict=False) if tasks is None or t in tasks}
+        dense = dense_accuracy(all_acc, model, seed, device, dtype, {limit})
+        dense_cells = dict(zip(dense["task"], dense["cell"], strict=False))
         seeded = {m: seed_cells(g) for m, g in group.groupby("method") if m != "dense"}
         several = any(len(v) > 1 for v in seeded.values())
 

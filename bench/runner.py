@@ -105,7 +105,8 @@ class StageClock:
 class Runner:
     def __init__(self, config: RunConfig, model=None, tokenizer=None):
         """`model`/`tokenizer` may be given in memory (tests); otherwise `config.model` is loaded."""
-        from bench.tasks import DEFAULT_TASKS, resolve_tasks
+        from bench.defaults import DEFAULT_TASKS
+        from bench.tasks import resolve_tasks
 
         self.config = config
         self.tasks = resolve_tasks(config.tasks) if config.tasks else list(DEFAULT_TASKS)

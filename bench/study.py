@@ -192,8 +192,8 @@ def model_shape(model: str):
 def dry_run(config, out=print) -> None:
     """Print what `run` would do with `config` (a bench.runner.RunConfig) and what it would cost, loading no model."""
     from bench.artifacts import CalibrationSettings, artifact_key, find_artifact, key_hash
+    from bench.defaults import DEFAULT_TASKS
     from bench.runner import plan_methods
-    from bench.tasks import DEFAULT_TASKS
 
     plan = plan_methods(config)
     tasks = config.tasks or list(DEFAULT_TASKS)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import datafiles, defaults
+from bench import datafiles
 from bench.errors import BenchError
 
 # Our tasks never call datasets.load_dataset, but nothing in lm-eval or datasets may try the hub either.
@@ -201,9 +201,6 @@ TASKS: dict[str, TaskInfo] = {
         TaskInfo("lambada_openai", ("perplexity", "acc"), "acc", 5153),
     )
 }
-
-DEFAULT_TASKS: list[str] = list(defaults.DEFAULT_TASKS)
-assert set(DEFAULT_TASKS) <= set(TASKS)
 
 
 def resolve_tasks(names: list[str]) -> list[str]:

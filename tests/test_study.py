@@ -31,7 +31,7 @@ def test_default_cpu_study_is_what_run_does_with_no_options():
     study = load_study(REPO_ROOT / "configs" / "default_cpu.toml")
     assert study["methods"] == defaults.methods and study["sparsities"] == defaults.sparsity
     assert study["limit"] == defaults.limit and study["ppl_windows"] == defaults.ppl_windows
-    from bench.tasks import DEFAULT_TASKS
+    from bench.defaults import DEFAULT_TASKS
 
     assert study["tasks"] == DEFAULT_TASKS and study["model"] == defaults.model
 

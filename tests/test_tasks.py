@@ -15,6 +15,7 @@ from lm_eval.evaluator import evaluate
 from lm_eval.utils import apply_template
 
 from bench import datafiles, tasks
+from bench.defaults import DEFAULT_TASKS
 from bench.errors import BenchError
 
 # The item counts stated in bench/data/SOURCES/<task>.md.
@@ -207,6 +208,7 @@ def test_item_counts_match_source_notes(task_dict):
 
 def test_task_infos_follow_builtin_metric_lists():
     assert list(tasks.TASKS) == list(SOURCE_NOTE_COUNTS)
+    assert set(DEFAULT_TASKS) <= set(tasks.TASKS)
     for name, info in tasks.TASKS.items():
         builtin = tuple(m["metric"] for m in tasks.builtin_config(name)["metric_list"])
         assert info.metrics == builtin, name
