@@ -315,11 +315,14 @@ def cmd_calibrate(args) -> int:
     import torch
 
     from bench.artifacts import ensure_calibrated
+    from bench.budgets import sized_fields
     from bench.models import cpu_threads, load_model
     from methods import make_method
 
-    method = make_method(args.method, sparsity=args.sparsity, seed=args.seed)
+    method = make_method(args.method, sparsity=args.sparsity, seed=args.seed)  # bad input fails before loading
     model, tokenizer = load_model(args.model, args.device, args.dtype)
+    method = make_method(args.method, **sized_fields(args.method, {"sparsity": args.sparsity, "seed": args.seed},
+                                                     model))
     from bench.artifacts import COMMITTED_DIR
 
     with cpu_threads(model, args.threads):

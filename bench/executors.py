@@ -50,16 +50,18 @@ def _calibrate(config, index: int) -> dict:
     """One artifact: load the model, calibrate plan[index] (or find it cached by then) and cache it."""
     from bench.artifacts import ensure_calibrated
     from bench.models import cpu_threads, load_model
-    from bench.runner import Runner
+    from bench.runner import Runner, plan_methods
+    from methods import MethodConfigError
 
     try:
-        method = Runner(config).plan[index]
+        Runner(config)  # validates the study before the model loads
         model, tokenizer = load_model(config.model, config.device, config.dtype)
+        method = plan_methods(config, model)[index]  # with the model's budgets (bench.budgets), as the group's
         with cpu_threads(model, config.threads):
             start = time.perf_counter()
             meta = ensure_calibrated(method, model, tokenizer, config.model, seed=method.seed)
         return {**meta, "seconds": time.perf_counter() - start}
-    except BenchError as exc:
+    except (BenchError, MethodConfigError) as exc:
         return {"error": str(exc)}
 
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.artifacts import ensure_calibrated
+from bench.budgets import sized_fields
 from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS
 from bench.efficiency import CPU_GRID, GPU_GRID
 from bench.errors import BenchError
@@ -67,8 +68,9 @@ class RunConfig:
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def plan_methods(config: RunConfig) -> list[Method]:
-    """dense first (the shared reference), then each method at each sparsity; validated before any work."""
+def plan_methods(config: RunConfig, model=None) -> list[Method]:
+    """dense first (the shared reference), then each method at each sparsity; validated before any work. With the
+    loaded `model`, a small model's methods get their small presets (bench.budgets)."""
     for s in config.sparsities:
         if not 0.0 <= s < 1.0:
             raise BenchError(f"sparsity must be in [0, 1), got {s}; e.g. --sparsity 0.25,0.4")
@@ -76,11 +78,19 @@ def plan_methods(config: RunConfig) -> list[Method]:
     plan = [make_method("dense", seed=config.seed)]
     seeds = config.calibration_seeds or [config.seed]
     for name in names:
-        fields = overrides_for(name, config.method_fields)
+        chosen = overrides_for(name, config.method_fields)
+        fields = sized_fields(name, chosen, model) if model is not None else chosen
         calibration = overrides_for(name, config.calibration)
         for s in config.sparsities:
             for seed in seeds:
-                method = make_method(name, **{"sparsity": s, "seed": seed, **fields})
+                try:
+                    method = make_method(name, **{"sparsity": s, "seed": seed, **fields})
+                except MethodConfigError as exc:
+                    if fields == chosen:
+                        raise
+                    raise MethodConfigError(
+                        f"{exc} (this model is small, so {name} got its preset {fields['preset']!r} "
+                        f"(bench.budgets); name a preset in the study's [fields.{name}] to choose another)") from exc
                 if calibration:  # the calibration text this method is given (part of its artifact key and cells)
                     method.default_calibration = {**type(method).default_calibration, **calibration}
                     method.calibration_override = calibration
@@ -111,7 +121,7 @@ class Runner:
         self.config = config
         self.tasks = resolve_tasks(config.tasks) if config.tasks else list(DEFAULT_TASKS)
         try:
-            self.plan = plan_methods(config)
+            self.plan = plan_methods(config, model)
         except MethodConfigError as exc:
             raise BenchError(str(exc)) from exc
         if model is None:
@@ -123,6 +133,7 @@ class Runner:
         self.cells_skipped: list[str] = []
         self.run_cells: list[str] = []
         self.model, self.tokenizer = model, tokenizer
+        self.sized = model is not None  # has the plan seen the model (small-model presets, bench.budgets)?
         self.context: CellContext | None = None  # what the units measure with; built once the model is loaded
         self.provenance: Provenance | None = None
 
@@ -185,6 +196,11 @@ class Runner:
         torch.manual_seed(c.seed)
         if self.model is None:
             self.model, self.tokenizer = self.clock.timed("load model", lambda: load_model(c.model, c.device, c.dtype))
+        if not self.sized:  # same order, budgets now known (bench.budgets)
+            try:
+                self.plan, self.sized = plan_methods(c, self.model), True
+            except MethodConfigError as exc:
+                raise BenchError(str(exc)) from exc
         with cpu_threads(self.model, c.threads) as threads:
             self.threads_used = threads
             self.provenance = Provenance.current(c.model, self.model, c.seed, c.batch_size)

@@ -144,6 +144,8 @@ class Method:
     registry_name: ClassVar[str] = ""
     # What calibrate() wants from the harness: {"n_samples", "seq_len", "source"}; {} = the harness default.
     default_calibration: ClassVar[dict] = {}
+    # The preset a small model gets unless the user names one (bench.budgets); None: one budget for every size.
+    small_preset: ClassVar[str | None] = None
 
     _artifact: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     _knob_value: float | None = field(default=None, init=False, repr=False, compare=False)

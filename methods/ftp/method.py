@@ -88,6 +88,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warm_start_sequences": 64, "warm_start_steps": 3000, "train_sequences": 240, "train_seq_len": 256, "select_every": 40,
             "selection_seq_len": 512,
             "learning_rate": 1e-3, "fitness_windows": 4, "fitness_seq_len": 256, "rescale_windows": 12},
+    # models under 20M decoder parameters (bench.budgets): a user's small model calibrates in seconds, not minutes
+    "small": {"elites": 2, "holdout_windows": 8, "population": 8, "generations": 5, "finetune_generations": 2,
+              "warm_start_sequences": 16, "warm_start_steps": 500, "train_sequences": 60, "train_seq_len": 256,
+              "select_every": 20, "selection_seq_len": 256,
+              "learning_rate": 1e-3, "fitness_windows": 2, "fitness_seq_len": 256, "rescale_windows": 6},
     # seconds on the tiny test model (tests only)
     "test": {"elites": 2, "learning_rate": 1e-3, "population": 4, "generations": 2, "finetune_generations": 1,
              "warm_start_sequences": 2, "warm_start_steps": 50, "train_sequences": 4, "train_seq_len": 32, "select_every": 2,
@@ -183,6 +188,7 @@ class FTP(Method):
     sequence_dependent: ClassVar[bool] = True
     # Enough windows for the paper preset's 2,000 training sequences plus the held-out rows; "cpu" uses a subset.
     default_calibration: ClassVar[dict] = {"n_samples": 2048, "seq_len": 512, "source": "c4-all"}
+    small_preset: ClassVar[str | None] = "small"
 
     def __post_init__(self) -> None:
         super().__post_init__()

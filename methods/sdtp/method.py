@@ -37,6 +37,8 @@ from methods.sdtp.pruning import PruningRuntime, PruningStats, SaliencyPredictor
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"train_sequences": 450, "train_seq_len": 256, "epochs": 1, "learning_rate": 1e-3},
     "paper": {"train_sequences": None, "train_seq_len": 512, "epochs": 2, "learning_rate": 1e-4},
+    # models under 20M decoder parameters (bench.budgets)
+    "small": {"train_sequences": 100, "train_seq_len": 256, "epochs": 1, "learning_rate": 1e-3},
 }
 _PRESET_FIELDS = ("train_sequences", "train_seq_len", "epochs", "learning_rate")
 
@@ -120,6 +122,7 @@ class SDTP(Method):
     sequence_dependent: ClassVar[bool] = True
     # the paper preset's data amount; the cpu preset uses the first `train_sequences` rows of it
     default_calibration: ClassVar[dict] = {"n_samples": 3000, "seq_len": 512, "source": "c4-all"}
+    small_preset: ClassVar[str | None] = "small"
 
     def __post_init__(self) -> None:
         super().__post_init__()
