@@ -6,27 +6,31 @@ the same 4→64→2 router on logged features whatever the model; SDTP's LM head
 every step), so a user's small model would still take minutes. Below `SMALL_MODEL_DECODER_PARAMETERS` decoder
 parameters a method that declares a small preset (`Method.small_preset`) gets it, unless the user named a preset.
 
-The rule is applied once the model is loaded (the runner re-plans, `bench calibrate` rebuilds its method), and
-the preset chosen is an ordinary field: it is part of the artifact key and of every result row's method_params."""
+The rule reads the model's shape: the runner plans with the model it was given or re-plans once it has loaded it,
+`bench calibrate` rebuilds its method after loading, `--dry-run` reads the shape offline; the preset chosen is an ordinary field: it is part of the artifact key and of every result row's method_params."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from methods import method_class
+from methods.flop_coefficients import LayerFlopCoefficients
 
 SMALL_MODEL_DECODER_PARAMETERS = 20_000_000  # SmolLM2 135M has 106M, Gemma 3 270M 100M: both keep "cpu"
 
 
-def decoder_parameters(model) -> int:
-    """Parameters in the decoder layers (embeddings, final norm and LM head left out)."""
-    return sum(p.numel() for p in model.model.layers.parameters())
+def decoder_parameters(config) -> int:
+    """Projection weights of the decoder layers from the model's shape (a config or `bench.study.model_shape`), so a
+    plan can be sized without loading weights: Q, K, V, O and the gated MLP, i.e. half the per-token linear FLOPs of
+    the FLOP formula (embeddings, LM head, biases and norms left out)."""
+    coeff = LayerFlopCoefficients.from_config(config)
+    return config.num_hidden_layers * (coeff.a + coeff.g) // 2
 
 
-def sized_fields(name: str, fields: dict[str, Any], model) -> dict[str, Any]:
-    """`fields` for method `name` on `model`: with the method's small preset added when the model is small and the
-    user chose no preset."""
+def sized_fields(name: str, fields: dict[str, Any], config) -> dict[str, Any]:
+    """`fields` for method `name` on a model of shape `config`: with the method's small preset added when the model
+    is small and the user chose no preset."""
     preset = method_class(name).small_preset
-    if preset is None or "preset" in fields or decoder_parameters(model) >= SMALL_MODEL_DECODER_PARAMETERS:
+    if preset is None or "preset" in fields or decoder_parameters(config) >= SMALL_MODEL_DECODER_PARAMETERS:
         return fields
     return {**fields, "preset": preset}

@@ -322,7 +322,7 @@ def cmd_calibrate(args) -> int:
     method = make_method(args.method, sparsity=args.sparsity, seed=args.seed)  # bad input fails before loading
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     method = make_method(args.method, **sized_fields(args.method, {"sparsity": args.sparsity, "seed": args.seed},
-                                                     model))
+                                                     model.config))
     from bench.artifacts import COMMITTED_DIR
 
     with cpu_threads(model, args.threads):

@@ -56,7 +56,7 @@ def _calibrate(config, index: int) -> dict:
     try:
         Runner(config)  # validates the study before the model loads
         model, tokenizer = load_model(config.model, config.device, config.dtype)
-        method = plan_methods(config, model)[index]  # with the model's budgets (bench.budgets), as the group's
+        method = plan_methods(config, model.config)[index]  # with the model's budgets (bench.budgets), as the group's
         with cpu_threads(model, config.threads):
             start = time.perf_counter()
             meta = ensure_calibrated(method, model, tokenizer, config.model, seed=method.seed)

@@ -68,9 +68,9 @@ class RunConfig:
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def plan_methods(config: RunConfig, model=None) -> list[Method]:
+def plan_methods(config: RunConfig, shape=None) -> list[Method]:
     """dense first (the shared reference), then each method at each sparsity; validated before any work. With the
-    loaded `model`, a small model's methods get their small presets (bench.budgets)."""
+    model's `shape` (its config), a small model's methods get their small presets (bench.budgets)."""
     for s in config.sparsities:
         if not 0.0 <= s < 1.0:
             raise BenchError(f"sparsity must be in [0, 1), got {s}; e.g. --sparsity 0.25,0.4")
@@ -79,7 +79,7 @@ def plan_methods(config: RunConfig, model=None) -> list[Method]:
     seeds = config.calibration_seeds or [config.seed]
     for name in names:
         chosen = overrides_for(name, config.method_fields)
-        fields = sized_fields(name, chosen, model) if model is not None else chosen
+        fields = sized_fields(name, chosen, shape) if shape is not None else chosen
         calibration = overrides_for(name, config.calibration)
         for s in config.sparsities:
             for seed in seeds:
@@ -121,7 +121,7 @@ class Runner:
         self.config = config
         self.tasks = resolve_tasks(config.tasks) if config.tasks else list(DEFAULT_TASKS)
         try:
-            self.plan = plan_methods(config, model)
+            self.plan = plan_methods(config, None if model is None else model.config)
         except MethodConfigError as exc:
             raise BenchError(str(exc)) from exc
         if model is None:
@@ -198,7 +198,7 @@ class Runner:
             self.model, self.tokenizer = self.clock.timed("load model", lambda: load_model(c.model, c.device, c.dtype))
         if not self.sized:  # same order, budgets now known (bench.budgets)
             try:
-                self.plan, self.sized = plan_methods(c, self.model), True
+                self.plan, self.sized = plan_methods(c, self.model.config), True
             except MethodConfigError as exc:
                 raise BenchError(str(exc)) from exc
         with cpu_threads(self.model, c.threads) as threads:

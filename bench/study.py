@@ -195,7 +195,8 @@ def dry_run(config, out=print) -> None:
     from bench.defaults import DEFAULT_TASKS
     from bench.runner import plan_methods
 
-    plan = plan_methods(config)
+    shape = model_shape(config.model)  # sizes the budgets as run will (bench.budgets); None: not known offline
+    plan = plan_methods(config, shape)
     tasks = config.tasks or list(DEFAULT_TASKS)
     units = [*tasks, *(["wikitext2"] if config.measure_ppl else []),
              *(["efficiency"] if config.measure_efficiency else [])]

@@ -35,7 +35,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters()) / 1e6
         for name in args.methods.split(","):
             quiet = {"progress": False} if "progress" in {f.name for f in fields(method_class(name))} else {}
-            method = make_method(name, **sized_fields(name, {"sparsity": 0.25, **quiet}, model))
+            method = make_method(name, **sized_fields(name, {"sparsity": 0.25, **quiet}, model.config))
             wanted = method.default_calibration or {"n_samples": 64, "seq_len": 512}
             g = torch.Generator().manual_seed(0)
             windows = torch.randint(3, args.vocab, (wanted["n_samples"], wanted["seq_len"]), generator=g)
