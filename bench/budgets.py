@@ -27,10 +27,18 @@ def decoder_parameters(config) -> int:
     return config.num_hidden_layers * (coeff.a + coeff.g) // 2
 
 
+def is_small(config) -> bool:
+    """Below the threshold; False for a shape this formula cannot read (such a model keeps the default budgets)."""
+    try:
+        return decoder_parameters(config) < SMALL_MODEL_DECODER_PARAMETERS
+    except (AttributeError, TypeError):
+        return False
+
+
 def sized_fields(name: str, fields: dict[str, Any], config) -> dict[str, Any]:
     """`fields` for method `name` on a model of shape `config`: with the method's small preset added when the model
     is small and the user chose no preset."""
     preset = method_class(name).small_preset
-    if preset is None or "preset" in fields or decoder_parameters(config) >= SMALL_MODEL_DECODER_PARAMETERS:
+    if preset is None or "preset" in fields or not is_small(config):
         return fields
     return {**fields, "preset": preset}

@@ -50,18 +50,18 @@ def _calibrate(config, index: int) -> dict:
     """One artifact: load the model, calibrate plan[index] (or find it cached by then) and cache it."""
     from bench.artifacts import ensure_calibrated
     from bench.models import cpu_threads, load_model
-    from bench.runner import Runner, plan_methods
-    from methods import MethodConfigError
+    from bench.runner import Runner
 
     try:
-        Runner(config)  # validates the study before the model loads
+        runner = Runner(config)  # validates the study before the model loads
         model, tokenizer = load_model(config.model, config.device, config.dtype)
-        method = plan_methods(config, model.config)[index]  # with the model's budgets (bench.budgets), as the group's
+        runner.size_plan(model.config)  # the model's budgets (bench.budgets), as the group's and the driver's
+        method = runner.plan[index]
         with cpu_threads(model, config.threads):
             start = time.perf_counter()
             meta = ensure_calibrated(method, model, tokenizer, config.model, seed=method.seed)
         return {**meta, "seconds": time.perf_counter() - start}
-    except (BenchError, MethodConfigError) as exc:
+    except BenchError as exc:
         return {"error": str(exc)}
 
 
@@ -90,9 +90,19 @@ def _artifact_hash(method, config) -> str | None:
 
 
 def _missing_artifacts(runner) -> dict[str, int]:
-    """{artifact key hash: the plan index of one method that needs it} for every artifact no cache holds."""
+    """{artifact key hash: the plan index of one method that needs it} for every artifact no cache holds, keyed as
+    the workers will calibrate them: the plan sized with the model's shape (bench.budgets), read here from the
+    model's config.json when it was not known offline."""
     from bench.artifacts import artifact_exists
 
+    if not runner.sized and any(type(m).small_preset for m in runner.plan):
+        from transformers import AutoConfig
+
+        try:
+            runner.size_plan(AutoConfig.from_pretrained(runner.config.model))
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"could not load model {runner.config.model!r}: its config, needed to plan the "
+                             f"calibration budgets, cannot be read ({exc})") from exc
     missing: dict[str, int] = {}
     for index, method in enumerate(runner.plan):
         digest = _artifact_hash(method, runner.config)

@@ -265,6 +265,8 @@ def format_checks(checks: list[Check], only_moved: bool = True) -> str:
 def plan(config: GateConfig) -> tuple[list[str], dict[str, str]]:
     """(methods to run, {skipped method: why}): unregistered methods and methods whose calibration artifact is
     missing and too costly to make in the gate are skipped, loudly."""
+    from bench.budgets import sized_fields
+    from bench.study import model_shape
     from methods import _REGISTRY, make_method
 
     runnable, skipped = [], {}
@@ -273,7 +275,9 @@ def plan(config: GateConfig) -> tuple[list[str], dict[str, str]]:
             skipped[gate.name] = "not registered in methods/__init__.py"
             continue
         try:
-            method = make_method(gate.name, sparsity=config.run.sparsity, seed=config.run.seed)
+            fields = {"sparsity": config.run.sparsity, "seed": config.run.seed}
+            shape = model_shape(config.run.model)  # the budgets the run will use (bench.budgets)
+            method = make_method(gate.name, **(sized_fields(gate.name, fields, shape) if shape else fields))
         except Exception as exc:  # a method being written may not import yet; the gate still runs the others
             skipped[gate.name] = f"cannot be built ({type(exc).__name__}: {exc})"
             continue

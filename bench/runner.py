@@ -24,7 +24,7 @@ from bench.matching import PROTOCOL
 from bench.models import adds_bos, cpu_threads, load_model, validate_model_name
 from bench.provenance import BENCH_VERSION, Provenance
 from bench.store import Store, cell_hash
-from bench.study import overrides_for
+from bench.study import model_shape, overrides_for
 from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
 from methods import Method, MethodConfigError, make_method
 
@@ -120,12 +120,12 @@ class Runner:
 
         self.config = config
         self.tasks = resolve_tasks(config.tasks) if config.tasks else list(DEFAULT_TASKS)
-        try:
-            self.plan = plan_methods(config, None if model is None else model.config)
-        except MethodConfigError as exc:
-            raise BenchError(str(exc)) from exc
         if model is None:
             validate_model_name(config.model)
+        self.plan: list[Method] = []
+        self.sized = False  # has the plan seen the model's shape (small-model presets, bench.budgets)?
+        # the shape from the model given, or offline (zoo table, local config.json, HF cache); else once loaded
+        self.size_plan(model.config if model is not None else model_shape(config.model))
         self.store = Store(config.results)
         self.clock = StageClock()
         self.cells_written: list[str] = []
@@ -133,9 +133,17 @@ class Runner:
         self.cells_skipped: list[str] = []
         self.run_cells: list[str] = []
         self.model, self.tokenizer = model, tokenizer
-        self.sized = model is not None  # has the plan seen the model (small-model presets, bench.budgets)?
         self.context: CellContext | None = None  # what the units measure with; built once the model is loaded
         self.provenance: Provenance | None = None
+
+    def size_plan(self, shape) -> None:
+        """(Re)plan with the model's shape (None: not known yet, plan with the default budgets). The order never
+        changes, so a plan index means the same (method, sparsity, seed) before and after, here and in a worker."""
+        try:
+            self.plan = plan_methods(self.config, shape)
+        except MethodConfigError as exc:
+            raise BenchError(str(exc)) from exc
+        self.sized = shape is not None
 
     def _identity(self, method: Method, unit: str, settings: dict[str, Any]) -> dict[str, Any]:
         identity = {"model": self.config.model, "method": method.registry_name, "method_version": method.version,
@@ -196,11 +204,8 @@ class Runner:
         torch.manual_seed(c.seed)
         if self.model is None:
             self.model, self.tokenizer = self.clock.timed("load model", lambda: load_model(c.model, c.device, c.dtype))
-        if not self.sized:  # same order, budgets now known (bench.budgets)
-            try:
-                self.plan, self.sized = plan_methods(c, self.model.config), True
-            except MethodConfigError as exc:
-                raise BenchError(str(exc)) from exc
+        if not self.sized:
+            self.size_plan(self.model.config)
         with cpu_threads(self.model, c.threads) as threads:
             self.threads_used = threads
             self.provenance = Provenance.current(c.model, self.model, c.seed, c.batch_size)

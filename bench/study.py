@@ -197,6 +197,9 @@ def dry_run(config, out=print) -> None:
 
     shape = model_shape(config.model)  # sizes the budgets as run will (bench.budgets); None: not known offline
     plan = plan_methods(config, shape)
+    if shape is None and any(type(m).small_preset for m in plan):
+        out(f"[dry-run] note: the shape of {config.model!r} is not known offline, so the artifacts below assume the "
+            "default presets; a model under 20M decoder parameters will get the small presets (bench.budgets)")
     tasks = config.tasks or list(DEFAULT_TASKS)
     units = [*tasks, *(["wikitext2"] if config.measure_ppl else []),
              *(["efficiency"] if config.measure_efficiency else [])]

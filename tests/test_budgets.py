@@ -53,28 +53,48 @@ def test_the_small_presets_cut_the_budgets_that_do_not_shrink_with_the_model():
 
 
 def test_the_runner_plans_with_the_model_it_was_given(tmp_path, tiny):
-    config = RunConfig(methods=["ftp", "shortgpt"], sparsities=[0.25], results=str(tmp_path / "r"),
-                       method_fields={"sdtp": {"preset": "cpu"}})
+    config = RunConfig(methods=["ftp", "sdtp", "shortgpt"], sparsities=[0.25], results=str(tmp_path / "r"),
+                       method_fields={"sdtp": {"preset": "cpu"}})  # the user's preset wins
     runner = Runner(config, model=tiny)
-    assert runner.sized and {m.registry_name: getattr(m, "preset", None) for m in runner.plan} == {
-        "dense": None, "ftp": "small", "shortgpt": None}
-    assert [m.registry_name for m in plan_methods(config)] == [m.registry_name for m in runner.plan]
+    assert runner.sized and [(m.registry_name, getattr(m, "preset", None)) for m in runner.plan] == [
+        ("dense", None), ("ftp", "small"), ("sdtp", "cpu"), ("shortgpt", None)]
     assert make_method("ftp").preset == "cpu"  # without a model: the CPU preset, as before
 
 
-def test_the_dry_run_plans_the_budgets_run_will_use(tmp_path, tiny):
-    from bench.artifacts import CalibrationSettings, artifact_key, key_hash
-    from bench.study import dry_run
+def test_a_model_whose_shape_is_not_known_offline_is_sized_once_loaded(tmp_path, tiny):
+    """A hub id not in the local cache: planned with the default budgets, re-planned (same order) after loading."""
+    config = RunConfig(model="someone/not-cached", methods=["sdtp", "ftp"], sparsities=[0.25, 0.4],
+                       results=str(tmp_path / "r"), tasks=["piqa"])
+    runner = Runner(config)
+    assert not runner.sized and {m.preset for m in runner.plan[1:]} == {"cpu"}
+    before = [(m.registry_name, m.sparsity, m.seed) for m in runner.plan]
+    runner.model = tiny  # what run_groups loads; no group runs
+    runner.run_groups([])
+    assert runner.sized and {m.preset for m in runner.plan[1:]} == {"small"}
+    assert [(m.registry_name, m.sparsity, m.seed) for m in runner.plan] == before
 
-    tiny.save_pretrained(tmp_path / "tiny")  # a user's local model: its shape is read offline
-    lines = []
-    dry_run(RunConfig(model=str(tmp_path / "tiny"), methods=["sdtp"], results=str(tmp_path / "r")), lines.append)
-    planned = Runner(RunConfig(model=str(tmp_path / "tiny"), methods=["sdtp"], results=str(tmp_path / "r")),
-                     model=tiny).plan[1]
-    assert planned.preset == "small"
-    key = key_hash(artifact_key(str(tmp_path / "tiny"), planned, CalibrationSettings.for_method(planned, 0)))
-    row = next(line for line in lines if line.startswith("| sdtp |"))
-    assert f"sdtp-{key}: to calibrate" in row  # the artifact run will make, not the CPU preset's
+
+def test_the_distributed_driver_keys_artifacts_as_the_workers_calibrate_them(tmp_path, tiny):
+    from bench.artifacts import CalibrationSettings, artifact_key, key_hash
+    from bench.executors import _missing_artifacts
+
+    tiny.save_pretrained(tmp_path / "tiny")
+    model = str(tmp_path / "tiny")
+    runner = Runner(RunConfig(model=model, methods=["sdtp"], results=str(tmp_path / "r")))
+    small = make_method("sdtp", sparsity=0.25, seed=0, preset="small")
+    expected = key_hash(artifact_key(model, small, CalibrationSettings.for_method(small, 0)))
+    assert _missing_artifacts(runner) == {expected: 1}
+
+
+def test_the_gate_looks_for_the_artifact_its_run_will_use(tmp_path, tiny, monkeypatch):
+    from bench import gate
+
+    tiny.save_pretrained(tmp_path / "tiny")
+    asked = []
+    monkeypatch.setattr(gate, "artifact_exists", lambda method, model, seed: asked.append(method.preset) or False)
+    config = gate.GateConfig(run=gate.GateRun(model=str(tmp_path / "tiny")), methods=(gate.MethodGate("sdtp"),))
+    runnable, skipped = gate.plan(config)
+    assert asked == ["small"] and runnable == [] and "no calibration artifact" in skipped["sdtp"]
 
 
 def test_a_user_field_that_conflicts_with_the_small_preset_is_one_clear_error(tmp_path, tiny):
@@ -82,6 +102,12 @@ def test_a_user_field_that_conflicts_with_the_small_preset_is_one_clear_error(tm
 
     config = RunConfig(methods=["ftp"], sparsities=[0.25], results=str(tmp_path / "r"),
                        method_fields={"ftp": {"fitness_windows": 4}})  # fits "cpu" (16 held out), not "small" (8)
-    Runner(dataclasses.replace(config, methods=["ftp"]))  # planned without the model: the CPU preset accepts it
+    assert plan_methods(dataclasses.replace(config, methods=["ftp"]))[1].preset == "cpu"  # the CPU preset accepts it
     with pytest.raises(BenchError, match=r"holdout_windows.*preset 'small'.*\[fields.ftp\]"):
         Runner(config, model=tiny)
+
+
+def test_a_shape_the_formula_cannot_read_keeps_the_default_budgets():
+    from types import SimpleNamespace
+
+    assert sized_fields("ftp", {}, SimpleNamespace(text_config={})) == {}  # e.g. a multimodal config
