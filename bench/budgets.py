@@ -28,16 +28,24 @@ def decoder_parameters(config) -> int:
 
 
 def is_small(config) -> bool:
-    """Below the threshold; False for a shape this formula cannot read (such a model keeps the default budgets)."""
+    """Below the threshold; False for an unknown shape (None) or one this formula cannot read (such a model keeps
+    the default budgets)."""
+    if config is None:
+        return False
     try:
         return decoder_parameters(config) < SMALL_MODEL_DECODER_PARAMETERS
     except (AttributeError, TypeError):
         return False
 
 
+def shape_matters(plan) -> bool:
+    """Would the model's shape change any of these planned methods (one of them has a small preset)?"""
+    return any(type(method).small_preset for method in plan)
+
+
 def sized_fields(name: str, fields: dict[str, Any], config) -> dict[str, Any]:
-    """`fields` for method `name` on a model of shape `config`: with the method's small preset added when the model
-    is small and the user chose no preset."""
+    """`fields` for method `name` on a model of shape `config` (None: not known): with the method's small preset
+    added when the model is small and the user chose no preset."""
     preset = method_class(name).small_preset
     if preset is None or "preset" in fields or not is_small(config):
         return fields

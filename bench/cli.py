@@ -319,10 +319,10 @@ def cmd_calibrate(args) -> int:
     from bench.models import cpu_threads, load_model
     from methods import make_method
 
-    method = make_method(args.method, sparsity=args.sparsity, seed=args.seed)  # bad input fails before loading
+    fields = {"sparsity": args.sparsity, "seed": args.seed}
+    make_method(args.method, **fields)  # bad input fails before the model loads
     model, tokenizer = load_model(args.model, args.device, args.dtype)
-    method = make_method(args.method, **sized_fields(args.method, {"sparsity": args.sparsity, "seed": args.seed},
-                                                     model.config))
+    method = make_method(args.method, **sized_fields(args.method, fields, model.config))  # bench.budgets
     from bench.artifacts import COMMITTED_DIR
 
     with cpu_threads(model, args.threads):

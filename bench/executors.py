@@ -94,8 +94,9 @@ def _missing_artifacts(runner) -> dict[str, int]:
     the workers will calibrate them: the plan sized with the model's shape (bench.budgets), read here from the
     model's config.json when it was not known offline."""
     from bench.artifacts import artifact_exists
+    from bench.budgets import shape_matters
 
-    if not runner.sized and any(type(m).small_preset for m in runner.plan):
+    if not runner.sized and shape_matters(runner.plan):
         from transformers import AutoConfig
 
         try:

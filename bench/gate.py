@@ -270,14 +270,14 @@ def plan(config: GateConfig) -> tuple[list[str], dict[str, str]]:
     from methods import _REGISTRY, make_method
 
     runnable, skipped = [], {}
+    shape = model_shape(config.run.model)  # the budgets the run will use (bench.budgets)
     for gate in config.methods:
         if gate.name not in _REGISTRY:
             skipped[gate.name] = "not registered in methods/__init__.py"
             continue
         try:
             fields = {"sparsity": config.run.sparsity, "seed": config.run.seed}
-            shape = model_shape(config.run.model)  # the budgets the run will use (bench.budgets)
-            method = make_method(gate.name, **(sized_fields(gate.name, fields, shape) if shape else fields))
+            method = make_method(gate.name, **sized_fields(gate.name, fields, shape))
         except Exception as exc:  # a method being written may not import yet; the gate still runs the others
             skipped[gate.name] = f"cannot be built ({type(exc).__name__}: {exc})"
             continue

@@ -79,7 +79,7 @@ def plan_methods(config: RunConfig, shape=None) -> list[Method]:
     seeds = config.calibration_seeds or [config.seed]
     for name in names:
         chosen = overrides_for(name, config.method_fields)
-        fields = sized_fields(name, chosen, shape) if shape is not None else chosen
+        fields = sized_fields(name, chosen, shape)
         calibration = overrides_for(name, config.calibration)
         for s in config.sparsities:
             for seed in seeds:

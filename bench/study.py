@@ -192,12 +192,13 @@ def model_shape(model: str):
 def dry_run(config, out=print) -> None:
     """Print what `run` would do with `config` (a bench.runner.RunConfig) and what it would cost, loading no model."""
     from bench.artifacts import CalibrationSettings, artifact_key, find_artifact, key_hash
+    from bench.budgets import shape_matters
     from bench.defaults import DEFAULT_TASKS
     from bench.runner import plan_methods
 
     shape = model_shape(config.model)  # sizes the budgets as run will (bench.budgets); None: not known offline
     plan = plan_methods(config, shape)
-    if shape is None and any(type(m).small_preset for m in plan):
+    if shape is None and shape_matters(plan):
         out(f"[dry-run] note: the shape of {config.model!r} is not known offline, so the artifacts below assume the "
             "default presets; a model under 20M decoder parameters will get the small presets (bench.budgets)")
     tasks = config.tasks or list(DEFAULT_TASKS)

@@ -111,3 +111,4 @@ def test_a_shape_the_formula_cannot_read_keeps_the_default_budgets():
     from types import SimpleNamespace
 
     assert sized_fields("ftp", {}, SimpleNamespace(text_config={})) == {}  # e.g. a multimodal config
+    assert sized_fields("ftp", {}, None) == {}  # a shape not known offline
