@@ -19,6 +19,7 @@ from methods.ftp.router import (
     newest_token_features,
     router_features,
     static_compute_mask,
+    token_positions,
     topk_compute_mask,
 )
 from methods.ftp.schedule import GAConfig, genetic_search, token_sparsity_for_compute, uniform_schedule
@@ -31,6 +32,7 @@ from methods.ftp.training import (
     teacher_features,
     train_router,
     warm_start,
+    weighted_bce,
 )
 
 SCHEDULE = [0.0, 0.5, 0.25, 0.4, 0.6, 0.3]  # six blocks, as the `tiny` fixture
@@ -176,6 +178,30 @@ def test_static_router_keeps_first_token_and_recent_window(tiny):
             keep = math.ceil((1 - s) * 20 - 1e-9)
             expected = [0] + list(range(20 - keep + 1, 20)) if s > 0 else list(range(20))
             assert ctl.last_decisions[i][0].nonzero()[:, 0].tolist() == expected
+
+
+def _static_rule_misses(scale: str, threshold: float, length: int, sparsity: float) -> int:
+    """Tokens on which "first token, or position factor ≥ threshold" disagrees with the static rule."""
+    valid = torch.ones(1, length, dtype=torch.bool)
+    position = token_positions(valid, scale)
+    rule = (position >= threshold) | (torch.arange(length) == 0)
+    return int((rule != static_compute_mask(valid, sparsity)).sum())
+
+
+@pytest.mark.parametrize("sparsity", [0.15, 0.3, 0.5])
+def test_root_position_keeps_the_static_rule_at_every_length(sparsity):
+    """On the "root" scale (j / N)^(1/4) one threshold, s^(1/4), reproduces the static rule at any length to within
+    a token of rounding, so a router fitted on 256-token windows draws the same boundary at 32 or 512 tokens (and
+    the first token stays 0.2+ away from the second); on the "log" scale the boundary drawn at 256 tokens is off
+    by many tokens at 512 and at 32."""
+    root = sparsity ** 0.25
+    assert all(_static_rule_misses("root", root, n, sparsity) <= 1 for n in (32, 256, 512, 2048))
+    assert float(token_positions(torch.ones(1, 512, dtype=torch.bool), "root")[0, 1]) > 0.2
+    n_fit = 256
+    log_threshold = math.log1p(sparsity * n_fit + 1) / math.log1p(n_fit)  # the boundary as fitted at 256
+    assert _static_rule_misses("log", log_threshold, n_fit, sparsity) <= 1
+    assert _static_rule_misses("log", log_threshold, 512, sparsity) > 10
+    assert _static_rule_misses("log", log_threshold, 32, sparsity) > 2
 
 
 def test_topk_budget_excludes_padding():
@@ -457,6 +483,10 @@ def test_bad_fields_raise_clear_errors():
         FTP(selection="sample")
     with pytest.raises(MethodConfigError, match="holdout_windows"):
         FTP(holdout_windows=2, fitness_windows=2, rescale_windows=2)
+    with pytest.raises(MethodConfigError, match="selection_tolerance"):
+        FTP(selection_tolerance=0.1)
+    with pytest.raises(MethodConfigError, match="position_scale"):
+        FTP(position_scale="sqrt")
 
 
 # -- the blocked attention pass, incremental decoding features, the training recipe ---------------------------
@@ -580,6 +610,30 @@ def test_standardised_model_selection_restores_the_best_router_in_raw_coordinate
     torch.testing.assert_close(out, scored[1], atol=1e-3, rtol=1e-4)  # fold/unfold rounding only
     assert (out - scored[2]).abs().max() > 1e-2 and (out - scored[0]).abs().max() > 1e-2
     assert not ctl.router._forward_pre_hooks
+
+
+def test_logit_bce_keeps_the_gradient_of_a_saturated_wrong_prediction():
+    """Both forms give the same loss where P(compute) is not saturated; on a logit gap of 40 the probability form's P
+    is ~4e-18, below BCE's 1e-12 clamp on P(1 - P), so a "compute" label there gets a vanishing gradient (~4e-6),
+    while the logit form still pushes back with the full weight."""
+    targets, weights = torch.tensor([0.95, 0.05, 0.95]), torch.tensor([1.0, 2.0, 0.5])
+    logits = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.1]])
+    torch.testing.assert_close(weighted_bce(logits, targets, weights, True), weighted_bce(logits, targets, weights, False))
+    gradients = []
+    for from_logits in (False, True):
+        saturated = torch.tensor([[-20.0, 20.0]], requires_grad=True)  # P(compute) = sigmoid(-40)
+        weighted_bce(saturated, torch.tensor([0.95]), torch.ones(1), from_logits).backward()
+        gradients.append(saturated.grad)
+    assert gradients[0].abs().max() < 1e-4
+    assert gradients[1][0, 0] < -0.9 and gradients[1][0, 1] > 0.9  # raise l_compute, lower l_skip
+
+
+def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
+    legacy = make_method("ftp", sparsity=0.25).calibration_config()
+    assert "warm_start_logit_bce" not in legacy and "selection_tolerance" not in legacy
+    changed = make_method("ftp", sparsity=0.25, warm_start_logit_bce=True, selection_tolerance=0.002)
+    assert changed.calibration_config()["warm_start_logit_bce"] is True
+    assert changed.calibration_config()["selection_tolerance"] == 0.002
 
 
 def test_router_training_fields_stay_out_of_the_static_artifact_key():

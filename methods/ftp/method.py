@@ -115,11 +115,13 @@ class CalibrationWindows:
 ROUTER_TRAINING_FIELDS = (
     "position_input", "position_scale", "sparsity_input", "router_hidden", "gumbel_tau", "warm_start_sequences",
     "warm_start_steps", "warm_start_lr", "warm_start_batch", "warm_start_weighted", "warm_start_smoothing",
-    "warm_start_rounds", "train_sequences", "train_seq_len", "learning_rate", "select_every", "selection_seq_len",
+    "warm_start_rounds", "warm_start_logit_bce", "selection_tolerance", "train_sequences", "train_seq_len",
+    "learning_rate", "select_every", "selection_seq_len",
     "train_scale_low", "train_scale_high", "guide_weight_start", "guide_decay_fraction", "sparsity_loss_weight",
     "hard_sparsity", "distill_loss_weight", "distill_target", "distill_normalised", "joint_standardised")
-SELECTION_TOLERANCE = 0.01  # model selection scores each candidate router within ±0.01 of the target c
-SELECTION_ITERATIONS = 6
+# Fields added after artifacts were committed: at these values (the behaviour before the field existed) they stay
+# out of the artifact key, so the committed artifacts keep their keys.
+KEY_STABLE_DEFAULTS: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01}
 
 
 @dataclass
@@ -133,7 +135,9 @@ class FTP(Method):
     schedule: str = "searched"  # "searched" (GA) or "uniform"
     selection: str = "argmax"  # "argmax" (the paper's rule) or "topk" (exact budgets ⌈(1 - s_i)·N⌉)
     position_input: bool = True
-    position_scale: str = "log"  # "log": log(1 + j)/log(1 + N) (ours); "linear": j/N (methods.md's default)
+    # "log": log(1 + j)/log(1 + N) (ours); "linear": j/N (methods.md's default); "root": (j/N)^(1/4), which keeps
+    # the static rule's boundary at every length (README: tried on three seeds, not the default)
+    position_scale: str = "log"
     sparsity_input: bool = True
     router_hidden: int = 64
     reference_seq_len: int = 512
@@ -157,6 +161,8 @@ class FTP(Method):
     warm_start_weighted: bool = True
     warm_start_smoothing: float = 0.05
     warm_start_rounds: int = 2
+    warm_start_logit_bce: bool = False  # stable BCE from logits (methods.ftp.training.weighted_bce); not the default
+    # yet: the committed artifacts were trained with the probability form (README)
     train_sequences: int | None = None
     train_seq_len: int | None = None
     learning_rate: float | None = None
@@ -175,6 +181,10 @@ class FTP(Method):
     distill_normalised: bool = True
     joint_standardised: bool = True  # joint training on standardised router inputs (methods.ftp.training)
     selection_seq_len: int | None = None  # model-selection window length (None: fitness_seq_len)
+    # each candidate router is scored at a schedule scale that puts its c within ±selection_tolerance of the
+    # target (up to 6 solver steps, more when tighter); near c = 0.25 one unit of c is worth ~8 nats, so ±0.01
+    # lets a candidate that lands low win by up to ~0.08 nats (README)
+    selection_tolerance: float = 0.01
     # matching the target
     rescale_windows: int | None = None
     rescale_tolerance: float = 0.005
@@ -203,8 +213,9 @@ class FTP(Method):
             raise MethodConfigError(f"ftp: schedule must be 'searched' or 'uniform', got {self.schedule!r}")
         if self.selection not in SELECTIONS:
             raise MethodConfigError(f"ftp: selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.position_scale not in ("linear", "log"):
-            raise MethodConfigError(f"ftp: position_scale must be 'linear' or 'log', got {self.position_scale!r}")
+        if self.position_scale not in ("linear", "log", "root"):
+            raise MethodConfigError(f"ftp: position_scale must be 'linear', 'log' or 'root', "
+                                    f"got {self.position_scale!r}")
         if not 0.0 < self.max_block_sparsity < 1.0:
             raise MethodConfigError("ftp: max_block_sparsity must be in (0, 1), e.g. 0.9")
         positive = ("router_hidden", "reference_seq_len", "population", "holdout_windows", "fitness_windows",
@@ -237,14 +248,17 @@ class FTP(Method):
         if self.distill_target not in ("final_norm", "block_output", "logits"):
             raise MethodConfigError(f"ftp: distill_target must be 'final_norm', 'block_output' or 'logits', "
                                     f"got {self.distill_target!r}")
+        if not 0.0 < self.selection_tolerance <= 0.02:
+            raise MethodConfigError("ftp: selection_tolerance must be in (0, 0.02], e.g. 0.002")
         if not 0.0 < self.rescale_tolerance <= 0.02:
             raise MethodConfigError("ftp: rescale_tolerance must be in (0, 0.02] (the benchmark's matching band)")
 
     # -- calibration ------------------------------------------------------------------------------------------
     def calibration_config(self) -> dict[str, Any]:
         """Without a learned router (ftp-static, ftp-random) the router and its training recipe play no part in the
-        artifact, so they stay out of its key."""
-        config = super().calibration_config()
+        artifact, so they stay out of its key; nor do fields left at their `KEY_STABLE_DEFAULTS` value."""
+        config = {k: v for k, v in super().calibration_config().items()
+                  if not (k in KEY_STABLE_DEFAULTS and v == KEY_STABLE_DEFAULTS[k])}
         if self.router != "learned":
             config = {k: v for k, v in config.items() if k not in ROUTER_TRAINING_FIELDS}
         return config
@@ -277,6 +291,7 @@ class FTP(Method):
                            warm_start_lr=self.warm_start_lr, warm_start_batch=self.warm_start_batch,
                            warm_start_weighted=self.warm_start_weighted,
                            warm_start_smoothing=self.warm_start_smoothing, warm_start_rounds=self.warm_start_rounds,
+                           warm_start_logit_bce=self.warm_start_logit_bce,
                            select_every=self.select_every)
 
     def calibrate(self, model, tokenizer, calibration: CalibrationSet) -> dict[str, Any]:
@@ -367,8 +382,9 @@ class FTP(Method):
                                         seed=self.seed, progress=self.progress)
 
         def select() -> dict[str, float]:
-            fit = solve_scale(model, ctl, schedule, selection_ids, self.sparsity, SELECTION_TOLERANCE,
-                              SELECTION_ITERATIONS, self.max_block_sparsity, with_loss=True)
+            iterations = 6 if self.selection_tolerance >= 0.01 else 12
+            fit = solve_scale(model, ctl, schedule, selection_ids, self.sparsity, self.selection_tolerance,
+                              iterations, self.max_block_sparsity, with_loss=True)
             ctl.policy = self.policy(schedule)
             return {"loss": fit.measured["lm_loss"], "scale": fit.scale,
                     "compute_sparsity": fit.measured["compute_sparsity"],
@@ -388,8 +404,10 @@ class FTP(Method):
             return report
         learned_policy = ctl.policy
         ctl.policy = self.policy(schedule, kind="static")
-        static = solve_scale(model, ctl, schedule, windows, measured["compute_sparsity"], 0.002,
-                             self.rescale_iterations, self.max_block_sparsity, with_loss=True)
+        # matched to ±0.0005: near c = 0.25 the static router's loss moves ~9-12 nats per unit c, so the ±0.002
+        # the committed artifacts used could move the difference by up to ~0.02 (README)
+        static = solve_scale(model, ctl, schedule, windows, measured["compute_sparsity"], 0.0005,
+                             max(20, self.rescale_iterations), self.max_block_sparsity, with_loss=True)
         ctl.policy = learned_policy
         return {**report, "heldout_static_lm_loss": static.measured["lm_loss"],
                 "heldout_static_compute_sparsity": static.measured["compute_sparsity"]}

@@ -31,12 +31,13 @@ class TokenRouter(nn.Module):
         return 2 * first.in_features * first.out_features + 2 * last.in_features * last.out_features
 
 
-POSITION_SCALES = ("linear", "log", "off")
+POSITION_SCALES = ("linear", "log", "root", "off")
 
 
 def token_positions(valid: torch.Tensor, scale: str = "log") -> torch.Tensor:
     """Position factor of each token ([B, N] float), j counted over the valid tokens of each row (N of them):
-    "linear" j / N (methods.md's default), "log" log(1 + j) / log(1 + N), "off" 0 (the no-position ablation).
+    "linear" j / N (methods.md's default), "log" log(1 + j) / log(1 + N), "root" (j / N)^(1/4), "off" 0 (the
+    no-position ablation).
 
     The log scale is ours: it keeps the order and [0, 1) range but gives the first tokens room (the first is 0, the
     second 0.125 at N = 256 instead of 0.004), so the 4→64→2 router can single out the first token (the attention
@@ -53,6 +54,8 @@ def position_factor(index, length, scale: str):
         return index / length
     if scale == "log":
         return torch.log1p(torch.as_tensor(index)) / torch.log1p(torch.as_tensor(length))
+    if scale == "root":
+        return (torch.as_tensor(index) / torch.as_tensor(length)) ** 0.25
     return torch.zeros_like(torch.as_tensor(index, dtype=torch.float32))
 
 

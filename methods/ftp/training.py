@@ -8,7 +8,8 @@ the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper lea
    scaled by a factor drawn from [scale_low, scale_high]; the router's four features and the static decision are
    logged per (token, routed block), and the router is fitted to them by BCE (L_g alone), each example weighted by
    1 + the attention its token receives, targets smoothed to 0.05/0.95, by minibatch Adam on standardised inputs
-   (folded back into the first layer, so the router is unchanged in form). A second round adds the static rule's
+   (folded back into the first layer, so the router is unchanged in form); `warm_start_logit_bce` computes the BCE
+   from the logit difference, which cannot saturate (`weighted_bce`). A second round adds the static rule's
    labels in the states the fitted router's own routing produces and refits (DAgger). It starts as an imitation of its teacher that reads the sparsity input
    (the teacher's budget follows s_i) and computes the first token (the teacher always does; unweighted, that one
    example per row and block was lost among the others and the router skipped the attention sink).
@@ -103,6 +104,7 @@ class TrainConfig:
     warm_start_weighted: bool = True  # BCE weights 1 + attention received
     warm_start_smoothing: float = 0.05  # teacher targets 0.05 / 0.95: logits stay where Gumbel gradients live
     warm_start_rounds: int = 2  # 1 + rounds of labels collected while the learned router routes (DAgger)
+    warm_start_logit_bce: bool = False  # BCE from the logit difference (stable) instead of softmax probabilities
     select_every: int = 40  # joint-training steps between held-out model-selection checks
 
 
@@ -162,6 +164,19 @@ def feature_moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return features.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))
 
 
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    """Weighted BCE of P(compute) = softmax(logits)[..., 0] = sigmoid(l_compute − l_skip) against `targets`.
+
+    `from_logits` computes it from the logit difference (log-sum-exp form). The probability form (the committed
+    artifacts' warm start) saturates: PyTorch clamps P(1 − P) at 1e-12 in its gradient, so once a step drives a
+    wrong prediction's logit gap past ~28 that example's gradient vanishes (4e-6 at a gap of 40, 0 at 110). On 512-token windows with the "root"
+    position scale the DAgger refit fell into that trap (loss 0.2 → 50, every token skipped); the logit form keeps
+    the gradient of a wrong saturated prediction at ±weight."""
+    if from_logits:
+        return F.binary_cross_entropy_with_logits(logits[..., 0] - logits[..., 1], targets, weight=weights)
+    return F.binary_cross_entropy(torch.softmax(logits, -1)[..., 0], targets, weight=weights)
+
+
 def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Tensor, config: TrainConfig,
                seed: int = 0, progress: bool = True) -> list[float]:
     """Fit the router to the teacher's decisions by BCE alone: Adam on random minibatches, cosine-decayed learning
@@ -183,8 +198,8 @@ def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Ten
     with torch.enable_grad(), standardised_inputs(router, *feature_moments(features)):
         for _ in tqdm(range(config.warm_start_steps), desc="ftp: warm start (guide loss)", disable=not progress):
             index = torch.randint(0, len(features), (batch,), generator=generator).to(device)
-            p_compute = torch.softmax(router(features[index]).float(), -1)[:, 0]
-            loss = F.binary_cross_entropy(p_compute, targets[index], weight=weights[index])
+            loss = weighted_bce(router(features[index]).float(), targets[index], weights[index],
+                                config.warm_start_logit_bce)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

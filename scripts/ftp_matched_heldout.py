@@ -1,0 +1,92 @@
+"""FTP's learned-vs-static comparison on held-out calibration text, with the static router matched to the learned
+router's measured c to within `--tolerance` (calibration matches it to within 0.002, and near c = 0.25 one unit of c
+is worth ~8 nats of LM loss, so that band alone can move the difference by ±0.016 nats). Read-only: it evaluates
+committed artifacts and trains nothing.
+
+    python scripts/ftp_matched_heldout.py [ARTIFACT_DIR ...] [--tolerance 0.0003]
+
+Default: the default model's three committed `ftp` seeds. Prints, per artifact, the learned router's c and LM loss at
+its inference scale on the 12 held-out rescale windows, the static router's at the matched c, their difference, the
+same with the learned router's first token forced computed (how much of the difference the attention sink
+explains), and the local slope of the static router's loss in c."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from bench.artifacts import CalibrationSettings, load_artifact_dir
+from bench.calibration import load_calibration
+from bench.models import load_model
+from methods import make_method
+from methods.ftp.block import RoutingController, routed_model
+from methods.ftp.measure import measure_routing, solve_scale
+from methods.ftp.schedule import scaled_schedule
+
+SEEDS = ("ftp-6054a941d4295dee", "ftp-3c04318cc15f6afe", "ftp-72eb5565959926cf")  # seeds 0, 1, 2
+
+
+class FirstTokenForced(RoutingController):
+    """Diagnostic only: the learned router's decisions with every routed block's first token computed."""
+
+    def prefill_decision(self, index: int) -> torch.Tensor:
+        compute = super().prefill_decision(index)
+        if not self.policy.routed(index):
+            return compute
+        valid = self.state.valid
+        return compute | (valid & (valid.long().cumsum(-1) == 1))
+
+
+def compare(model, tokenizer, directory: Path, tolerance: float) -> dict:
+    artifact = load_artifact_dir(directory)[0]
+    fields = json.loads((directory / "artifact.json").read_text())["key"]["fields"]
+    method = make_method("ftp", **{**fields, "progress": False})
+    method.load_artifact(artifact)
+    settings = CalibrationSettings.for_method(method, method.seed)
+    calibration = load_calibration(tokenizer, settings.n_samples, settings.seq_len, settings.seed, settings.source)
+    torch.manual_seed(method.seed)
+    windows = method.calibration_windows(calibration, random.Random(method.seed), "cpu").rescale  # as calibrate
+    schedule, scale, top = artifact["schedule"], artifact["schedule_scale"], method.max_block_sparsity
+    row: dict = {"artifact": directory.name, "seed": method.seed}
+    for name, controller in (("learned", method.controller(model.config, schedule, method.build_router())),
+                             ("first_forced", FirstTokenForced(model.config, method.policy(schedule),
+                                                               method.build_router(), seed=method.seed))):
+        with routed_model(model, controller):
+            controller.with_schedule(scaled_schedule(schedule, scale, top))
+            measured = measure_routing(model, controller, windows, with_loss=True)
+        row[f"{name}_c"], row[f"{name}_loss"] = measured["compute_sparsity"], measured["lm_loss"]
+    static = RoutingController(model.config, method.policy(schedule, kind="static"), None)
+    with routed_model(model, static):
+        for name in ("learned", "first_forced"):
+            fit = solve_scale(model, static, schedule, windows, row[f"{name}_c"], tolerance, 30, top, with_loss=True)
+            row[f"static_at_{name}_c"], row[f"static_loss_at_{name}_c"] = (fit.measured["compute_sparsity"],
+                                                                             fit.measured["lm_loss"])
+            row[f"{name}_minus_static"] = row[f"{name}_loss"] - fit.measured["lm_loss"]
+        near = [(t["compute_sparsity"], t["lm_loss"]) for t in fit.history
+                if abs(t["compute_sparsity"] - row["learned_c"]) < 0.03]
+        if len(near) >= 2 and max(c for c, _ in near) - min(c for c, _ in near) > 0.002:
+            c, loss = torch.tensor(near, dtype=torch.float64).T  # least-squares slope of loss in c
+            row["static_slope_nats_per_unit_c"] = float(((c - c.mean()) * (loss - loss.mean())).sum()
+                                                        / ((c - c.mean()) ** 2).sum())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifacts", nargs="*", type=Path)
+    parser.add_argument("--tolerance", type=float, default=0.0003)
+    args = parser.parse_args()
+    directories = args.artifacts or [Path("methods/artifacts") / name for name in SEEDS]
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model()
+    for directory in directories:
+        row = compare(model, tokenizer, directory, args.tolerance)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
