@@ -49,24 +49,28 @@ def compare(model, tokenizer, directory: Path, tolerance: float) -> dict:
     settings = CalibrationSettings.for_method(method, method.seed)
     calibration = load_calibration(tokenizer, settings.n_samples, settings.seq_len, settings.seed, settings.source)
     torch.manual_seed(method.seed)
-    windows = method.calibration_windows(calibration, random.Random(method.seed), "cpu").rescale  # as calibrate
+    device = next(model.parameters()).device
+    windows = method.calibration_windows(calibration, random.Random(method.seed), device).rescale  # as calibrate
     schedule, scale, top = artifact["schedule"], artifact["schedule_scale"], method.max_block_sparsity
     row: dict = {"artifact": directory.name, "seed": method.seed}
-    for name, controller in (("learned", method.controller(model.config, schedule, method.build_router())),
-                             ("first_forced", FirstTokenForced(model.config, method.policy(schedule),
-                                                               method.build_router(), seed=method.seed))):
+    router = method.build_router().to(device)
+    for name, controller in (("learned", method.controller(model.config, schedule, router)),
+                             ("first_forced", FirstTokenForced(model.config, method.policy(schedule), router,
+                                                               seed=method.seed))):
         with routed_model(model, controller):
             controller.with_schedule(scaled_schedule(schedule, scale, top))
             measured = measure_routing(model, controller, windows, with_loss=True)
         row[f"{name}_c"], row[f"{name}_loss"] = measured["compute_sparsity"], measured["lm_loss"]
     static = RoutingController(model.config, method.policy(schedule, kind="static"), None)
     with routed_model(model, static):
+        fits = {}
         for name in ("learned", "first_forced"):
-            fit = solve_scale(model, static, schedule, windows, row[f"{name}_c"], tolerance, 30, top, with_loss=True)
+            fit = fits[name] = solve_scale(model, static, schedule, windows, row[f"{name}_c"], tolerance, 30, top,
+                                           with_loss=True)
             row[f"static_at_{name}_c"], row[f"static_loss_at_{name}_c"] = (fit.measured["compute_sparsity"],
                                                                              fit.measured["lm_loss"])
             row[f"{name}_minus_static"] = row[f"{name}_loss"] - fit.measured["lm_loss"]
-        near = [(t["compute_sparsity"], t["lm_loss"]) for t in fit.history
+        near = [(t["compute_sparsity"], t["lm_loss"]) for t in fits["learned"].history
                 if abs(t["compute_sparsity"] - row["learned_c"]) < 0.03]
         if len(near) >= 2 and max(c for c, _ in near) - min(c for c, _ in near) > 0.002:
             c, loss = torch.tensor(near, dtype=torch.float64).T  # least-squares slope of loss in c

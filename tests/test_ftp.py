@@ -522,23 +522,25 @@ def test_blocked_attention_received_equals_eager_and_is_counted(case):
     assert counter.get_total_flops() == 4 * batch * heads * n * m * dim + 2 * batch * heads * n * m
 
 
-def test_decode_features_equal_features_recomputed_over_the_sequence(tiny):
+@pytest.mark.parametrize("position", ["log", "root", "linear"])
+def test_decode_features_equal_features_recomputed_over_the_sequence(tiny, position):
     """Each cached decoding step builds the newest token's features in O(log N); they equal the features
-    `router_features` computes from scratch over the whole sequence and table, ties included."""
+    `router_features` computes from scratch over the whole sequence and table, ties included, on every position
+    scale."""
     checked = []
 
     class Checking(RoutingController):
         def decode_decision(self, index):
             state, policy = self.state, self.policy
             if policy.routed(index):
-                scratch = router_features(state.valid, state.table, policy.schedule[index])[:, -1:]
+                scratch = router_features(state.valid, state.table, policy.schedule[index], position)[:, -1:]
                 fast = newest_token_features(int(state.valid.sum()), state.table[0, -1], state.previous_sorted,
-                                             policy.schedule[index])
+                                             policy.schedule[index], position)
                 torch.testing.assert_close(fast, scratch)
                 checked.append(index)
             return super().decode_decision(index)
 
-    ctl = Checking(tiny.config, RoutingPolicy(tuple(SCHEDULE)), _router(compute_bias=-1.5))
+    ctl = Checking(tiny.config, RoutingPolicy(tuple(SCHEDULE), position=position), _router(compute_bias=-1.5))
     with routed_model(tiny, ctl), torch.no_grad():
         tiny.generate(_ids(16), max_new_tokens=8, do_sample=False)
     assert len(checked) == 7 * 5  # every routed block of every decoding step
@@ -613,9 +615,9 @@ def test_standardised_model_selection_restores_the_best_router_in_raw_coordinate
 
 
 def test_logit_bce_keeps_the_gradient_of_a_saturated_wrong_prediction():
-    """Both forms give the same loss where P(compute) is not saturated; on a logit gap of 40 the probability form's P
-    is ~4e-18, below BCE's 1e-12 clamp on P(1 - P), so a "compute" label there gets a vanishing gradient (~4e-6),
-    while the logit form still pushes back with the full weight."""
+    """Both forms give the same loss where P(compute) is not saturated. Saturated and wrong, the probability form
+    breaks both ways: at P ~4e-18 (gap 40), below BCE's 1e-12 clamp on P(1 - P), a "compute" label's gradient
+    vanishes (~4e-6); the logit form keeps the full (1 - smoothing)·weight."""
     targets, weights = torch.tensor([0.95, 0.05, 0.95]), torch.tensor([1.0, 2.0, 0.5])
     logits = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.1]])
     torch.testing.assert_close(weighted_bce(logits, targets, weights, True), weighted_bce(logits, targets, weights, False))
@@ -626,9 +628,28 @@ def test_logit_bce_keeps_the_gradient_of_a_saturated_wrong_prediction():
         gradients.append(saturated.grad)
     assert gradients[0].abs().max() < 1e-4
     assert gradients[1][0, 0] < -0.9 and gradients[1][0, 1] > 0.9  # raise l_compute, lower l_skip
+    # The other side: P(compute) rounds to exactly 1 in float32 at a gap of 20, and a "skip" label there gets a
+    # gradient ~2,000× too large (and on l_skip alone); the logit form gives the true ±(1 - 0.05).
+    gradients = []
+    for from_logits in (False, True):
+        saturated = torch.tensor([[10.0, -10.0]], requires_grad=True)
+        weighted_bce(saturated, torch.tensor([0.05]), torch.ones(1), from_logits).backward()
+        gradients.append(saturated.grad)
+    assert gradients[0].abs().max() > 100
+    torch.testing.assert_close(gradients[1], torch.tensor([[0.95, -0.95]]), rtol=1e-4, atol=1e-4)
 
 
 def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
+    """Every committed FTP artifact's key is what its fields give today (no field leaks into the key); a later field
+    enters it only when set away from its legacy value."""
+    import json
+    from pathlib import Path
+
+    committed = sorted(Path("methods/artifacts").glob("ftp-*/artifact.json"))
+    assert len(committed) >= 9
+    for path in committed:
+        fields = json.loads(path.read_text())["key"]["fields"]
+        assert make_method("ftp", **fields).calibration_config() == fields, path.parent.name
     legacy = make_method("ftp", sparsity=0.25).calibration_config()
     assert "warm_start_logit_bce" not in legacy and "selection_tolerance" not in legacy
     changed = make_method("ftp", sparsity=0.25, warm_start_logit_bce=True, selection_tolerance=0.002)

@@ -121,7 +121,8 @@ ROUTER_TRAINING_FIELDS = (
     "hard_sparsity", "distill_loss_weight", "distill_target", "distill_normalised", "joint_standardised")
 # Fields added after artifacts were committed: at these values (the behaviour before the field existed) they stay
 # out of the artifact key, so the committed artifacts keep their keys.
-KEY_STABLE_DEFAULTS: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01}
+LEGACY_KEY_VALUES: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01}
+SELECTION_ITERATIONS = 6  # solver steps per model-selection check (twice as many below a ±0.01 tolerance)
 
 
 @dataclass
@@ -182,8 +183,8 @@ class FTP(Method):
     joint_standardised: bool = True  # joint training on standardised router inputs (methods.ftp.training)
     selection_seq_len: int | None = None  # model-selection window length (None: fitness_seq_len)
     # each candidate router is scored at a schedule scale that puts its c within ±selection_tolerance of the
-    # target (up to 6 solver steps, more when tighter); near c = 0.25 one unit of c is worth ~8 nats, so ±0.01
-    # lets a candidate that lands low win by up to ~0.08 nats (README)
+    # target (up to 6 solver steps, 12 when tighter); near c = 0.25 one unit of c is worth ~9-12 nats, so ±0.01
+    # lets a candidate that lands low win by up to ~0.1 nats (README)
     selection_tolerance: float = 0.01
     # matching the target
     rescale_windows: int | None = None
@@ -256,9 +257,9 @@ class FTP(Method):
     # -- calibration ------------------------------------------------------------------------------------------
     def calibration_config(self) -> dict[str, Any]:
         """Without a learned router (ftp-static, ftp-random) the router and its training recipe play no part in the
-        artifact, so they stay out of its key; nor do fields left at their `KEY_STABLE_DEFAULTS` value."""
+        artifact, so they stay out of its key; nor do fields left at their `LEGACY_KEY_VALUES` value."""
         config = {k: v for k, v in super().calibration_config().items()
-                  if not (k in KEY_STABLE_DEFAULTS and v == KEY_STABLE_DEFAULTS[k])}
+                  if not (k in LEGACY_KEY_VALUES and v == LEGACY_KEY_VALUES[k])}
         if self.router != "learned":
             config = {k: v for k, v in config.items() if k not in ROUTER_TRAINING_FIELDS}
         return config
@@ -382,7 +383,7 @@ class FTP(Method):
                                         seed=self.seed, progress=self.progress)
 
         def select() -> dict[str, float]:
-            iterations = 6 if self.selection_tolerance >= 0.01 else 12
+            iterations = SELECTION_ITERATIONS if self.selection_tolerance >= 0.01 else 2 * SELECTION_ITERATIONS
             fit = solve_scale(model, ctl, schedule, selection_ids, self.sparsity, self.selection_tolerance,
                               iterations, self.max_block_sparsity, with_loss=True)
             ctl.policy = self.policy(schedule)

@@ -42,7 +42,10 @@ def token_positions(valid: torch.Tensor, scale: str = "log") -> torch.Tensor:
     The log scale is ours: it keeps the order and [0, 1) range but gives the first tokens room (the first is 0, the
     second 0.125 at N = 256 instead of 0.004), so the 4→64→2 router can single out the first token (the attention
     sink, which the static teacher always computes) by position; on the linear scale it could not in our runs,
-    and it then skipped that token in every routed block."""
+    and it then skipped that token in every routed block. But the static rule's boundary (j ≥ s·N) is not one
+    threshold on the log scale at every N. The "root" scale keeps both: like "linear" it is a function of j/N alone,
+    so one threshold, s^(1/4), draws the static boundary at any length, and the second token is still 0.15+ from
+    the first up to N = 2,048 (0.21 at 512)."""
     index = (valid.long().cumsum(-1) - 1).clamp(min=0).float()
     length = valid.sum(-1, keepdim=True).clamp(min=1).float()
     return position_factor(index, length, scale)

@@ -168,10 +168,11 @@ def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Ten
     """Weighted BCE of P(compute) = softmax(logits)[..., 0] = sigmoid(l_compute − l_skip) against `targets`.
 
     `from_logits` computes it from the logit difference (log-sum-exp form). The probability form (the committed
-    artifacts' warm start) saturates: PyTorch clamps P(1 − P) at 1e-12 in its gradient, so once a step drives a
-    wrong prediction's logit gap past ~28 that example's gradient vanishes (4e-6 at a gap of 40, 0 at 110). On 512-token windows with the "root"
-    position scale the DAgger refit fell into that trap (loss 0.2 → 50, every token skipped); the logit form keeps
-    the gradient of a wrong saturated prediction at ±weight."""
+    artifacts' warm start) breaks on saturated wrong predictions: where P(compute) is tiny, PyTorch's clamp of
+    P(1 − P) at 1e-12 makes a "compute" label's gradient vanish (4e-6 at a logit gap of 40, 0 at 110); where P
+    rounds to exactly 1 in float32 (a gap above ~17), a "skip" label's gradient is thousands of times too large and
+    reaches l_skip alone. On 512-token windows with the "root" position scale the DAgger refit fell into this (loss
+    0.2 → 50, every token skipped); the logit form's gradient is the true ±(1 − smoothing)·weight."""
     if from_logits:
         return F.binary_cross_entropy_with_logits(logits[..., 0] - logits[..., 1], targets, weight=weights)
     return F.binary_cross_entropy(torch.softmax(logits, -1)[..., 0], targets, weight=weights)
