@@ -1,7 +1,7 @@
 """FTP's learned-vs-static comparison on held-out calibration text, with the static router matched to the learned
-router's measured c to within `--tolerance` (calibration matches it to within 0.002, and near c = 0.25 one unit of c
-is worth ~8 nats of LM loss, so that band alone can move the difference by ±0.016 nats). Read-only: it evaluates
-committed artifacts and trains nothing.
+router's measured c to within `--tolerance` (the committed artifacts matched it to within 0.002, and near c = 0.25
+one unit of c is worth ~9-12 nats of LM loss, so that band alone can move the difference by ~±0.02 nats).
+Read-only: it evaluates committed artifacts and trains nothing.
 
     python scripts/ftp_matched_heldout.py [ARTIFACT_DIR ...] [--tolerance 0.0003]
 
@@ -25,6 +25,7 @@ from bench.models import load_model
 from methods import make_method
 from methods.ftp.block import RoutingController, routed_model
 from methods.ftp.measure import measure_routing, solve_scale
+from methods.ftp.router import first_valid_token
 from methods.ftp.schedule import scaled_schedule
 
 SEEDS = ("ftp-6054a941d4295dee", "ftp-3c04318cc15f6afe", "ftp-72eb5565959926cf")  # seeds 0, 1, 2
@@ -37,13 +38,12 @@ class FirstTokenForced(RoutingController):
         compute = super().prefill_decision(index)
         if not self.policy.routed(index):
             return compute
-        valid = self.state.valid
-        return compute | (valid & (valid.long().cumsum(-1) == 1))
+        return compute | first_valid_token(self.state.valid)
 
 
 def compare(model, tokenizer, directory: Path, tolerance: float) -> dict:
-    artifact = load_artifact_dir(directory)[0]
-    fields = json.loads((directory / "artifact.json").read_text())["key"]["fields"]
+    artifact, meta = load_artifact_dir(directory)
+    fields = meta["key"]["fields"]
     method = make_method("ftp", **{**fields, "progress": False})
     method.load_artifact(artifact)
     settings = CalibrationSettings.for_method(method, method.seed)

@@ -30,6 +30,7 @@ from methods.ftp.attention import FTP_ATTENTION, attention_received
 from methods.ftp.router import (
     POSITION_SCALES,
     TokenRouter,
+    first_valid_token,
     newest_token_features,
     random_compute_mask,
     router_features,
@@ -320,7 +321,7 @@ class RoutingController:
         st = self.stats
         st.prefill_computed[index] += int((compute & valid).sum())
         st.prefill_tokens[index] += int(valid.sum())
-        first = valid & (valid.long().cumsum(-1) == 1)
+        first = first_valid_token(valid)
         st.first_computed[index] += int((compute & first).sum())
         st.rows[index] += int(first.sum())
         for n in compute.sum(-1).tolist():

@@ -51,6 +51,11 @@ def token_positions(valid: torch.Tensor, scale: str = "log") -> torch.Tensor:
     return position_factor(index, length, scale)
 
 
+def first_valid_token(valid: torch.Tensor) -> torch.Tensor:
+    """[B, N] bool: each row's first valid token (the attention sink the static rule always computes)."""
+    return valid & (valid.long().cumsum(-1) == 1)
+
+
 def position_factor(index, length, scale: str):
     """The position factor of token `index` (0-based) among `length` (tensors or floats, broadcast)."""
     if scale == "linear":
