@@ -8,7 +8,8 @@ Read-only: it evaluates committed artifacts and trains nothing.
 Default: the default model's three committed `ftp` seeds. Prints, per artifact, the learned router's c and LM loss at
 its inference scale on the 12 held-out rescale windows, the static router's at the matched c, their difference, the
 same with the learned router's first token forced computed (how much of the difference the attention sink
-explains), and the local slope of the static router's loss in c."""
+explains), the local slope of the static router's loss in c, and a paired 95% interval of learned − static over the 12
+windows (t with 11 degrees of freedom: the windows are the unit that varies)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ from methods.ftp.router import first_valid_token
 from methods.ftp.schedule import scaled_schedule
 
 SEEDS = ("ftp-6054a941d4295dee", "ftp-3c04318cc15f6afe", "ftp-72eb5565959926cf")  # seeds 0, 1, 2
+
+
+T_975_DF11 = 2.201  # two-sided 95% quantile of Student's t with 11 degrees of freedom (12 windows)
+
+
+def window_losses(model, controller: RoutingController, windows: torch.Tensor) -> torch.Tensor:
+    """[n] LM loss of each window at the controller's current schedule (equal lengths: their mean is the total's)."""
+    return torch.tensor([measure_routing(model, controller, windows[i:i + 1], with_loss=True)["lm_loss"]
+                         for i in range(len(windows))], dtype=torch.float64)
+
+
+def paired_interval(differences: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95% half-width of paired per-window differences (t quantile for 12 windows, normal otherwise)."""
+    quantile = T_975_DF11 if len(differences) == 12 else 1.96
+    return float(differences.mean()), quantile * float(differences.std()) / len(differences) ** 0.5
 
 
 class FirstTokenForced(RoutingController):
@@ -60,6 +76,8 @@ def compare(model, tokenizer, directory: Path, tolerance: float) -> dict:
         with routed_model(model, controller):
             controller.with_schedule(scaled_schedule(schedule, scale, top))
             measured = measure_routing(model, controller, windows, with_loss=True)
+            if name == "learned":
+                learned_windows = window_losses(model, controller, windows)
         row[f"{name}_c"], row[f"{name}_loss"] = measured["compute_sparsity"], measured["lm_loss"]
     static = RoutingController(model.config, method.policy(schedule, kind="static"), None)
     with routed_model(model, static):
@@ -70,6 +88,9 @@ def compare(model, tokenizer, directory: Path, tolerance: float) -> dict:
             row[f"static_at_{name}_c"], row[f"static_loss_at_{name}_c"] = (fit.measured["compute_sparsity"],
                                                                              fit.measured["lm_loss"])
             row[f"{name}_minus_static"] = row[f"{name}_loss"] - fit.measured["lm_loss"]
+            if name == "learned":  # the solver left the static router at the matched scale
+                mean, half = paired_interval(learned_windows - window_losses(model, static, windows))
+                row["paired_mean"], row["paired_ci95_half_width"] = mean, half
         near = [(t["compute_sparsity"], t["lm_loss"]) for t in fits["learned"].history
                 if abs(t["compute_sparsity"] - row["learned_c"]) < 0.03]
         if len(near) >= 2 and max(c for c, _ in near) - min(c for c, _ in near) > 0.002:

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparsity", type=float, default=0.25)
+    parser.add_argument("--save", type=Path, help="write the trained router's state_dict here (torch.save)")
     parser.add_argument("fields", nargs="*", help="FTP field=value overrides (JSON values)")
     args = parser.parse_intermixed_args()
     overrides = {k: _value(v) for k, v in (f.split("=", 1) for f in args.fields)}
@@ -56,6 +57,8 @@ def main() -> None:
         fit = solve_scale(model, ctl, schedule, windows.rescale, method.sparsity, method.rescale_tolerance,
                           method.rescale_iterations, method.max_block_sparsity, with_loss=True)
         report = method.heldout_report(model, ctl, schedule, windows.rescale, fit.measured)
+    if args.save:
+        torch.save(ctl.router.state_dict(), args.save)
     for row in trained["selection"]:
         print("selection", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     print(json.dumps({"overrides": overrides, "seed": args.seed, "seconds": round(time.perf_counter() - start),

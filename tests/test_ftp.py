@@ -651,10 +651,31 @@ def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
         fields = json.loads(path.read_text())["key"]["fields"]
         assert make_method("ftp", **fields).calibration_config() == fields, path.parent.name
     legacy = make_method("ftp", sparsity=0.25).calibration_config()
-    assert "warm_start_logit_bce" not in legacy and "selection_tolerance" not in legacy
-    changed = make_method("ftp", sparsity=0.25, warm_start_logit_bce=True, selection_tolerance=0.002)
+    assert not {"warm_start_logit_bce", "selection_tolerance", "train_min_seq_len"} & set(legacy)
+    changed = make_method("ftp", sparsity=0.25, warm_start_logit_bce=True, selection_tolerance=0.002,
+                          train_seq_len=512, train_min_seq_len=64)
     assert changed.calibration_config()["warm_start_logit_bce"] is True
     assert changed.calibration_config()["selection_tolerance"] == 0.002
+    assert changed.calibration_config()["train_min_seq_len"] == 64
+
+
+def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row():
+    """Without a minimum a training row is used whole (and no random number is drawn, so the legacy recipe's
+    stream is unchanged); with one, lengths are drawn from [min, full] and each window is a prefix of its row."""
+    import random
+
+    from methods.base import MethodConfigError
+    from methods.ftp.training import training_window
+
+    row = torch.arange(512)
+    rng = random.Random(0)
+    assert training_window(row, rng, TrainConfig()) is row and rng.random() == random.Random(0).random()
+    lengths = [len(training_window(row, rng, TrainConfig(min_window=64))) for _ in range(400)]
+    assert min(lengths) >= 64 and max(lengths) <= 512 and max(lengths) - min(lengths) > 300
+    assert torch.equal(training_window(row, random.Random(1), TrainConfig(min_window=64)),
+                       row[: len(training_window(row, random.Random(1), TrainConfig(min_window=64)))])
+    with pytest.raises(MethodConfigError, match="train_min_seq_len"):
+        make_method("ftp", sparsity=0.25, train_min_seq_len=600)
 
 
 def test_router_training_fields_stay_out_of_the_static_artifact_key():
@@ -684,3 +705,30 @@ def real_config():
 
     return LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                        num_hidden_layers=30, head_dim=64)
+
+
+def test_the_joint_guide_loss_in_the_warm_start_form_is_the_warm_starts_objective(tiny):
+    """`guide_like_warm_start`: the joint L_g over one simulated forward is the warm start's weighted, smoothed BCE
+    over the same (token, block) examples, and joint training runs with it."""
+    from methods.ftp.training import weighted_bce, weighted_guide_loss
+
+    torch.manual_seed(0)
+    ctl = _controller(tiny.config, SCHEDULE, TokenRouter())
+    config = TrainConfig(guide_like_warm_start=True, warm_start_logit_bce=True)
+    ids = _ids(32, batch=1)
+    with routed_model(tiny, ctl), torch.no_grad(), ctl.simulating(sample_gates=True) as sim:
+        tiny.model(input_ids=ids, use_cache=False)
+        valid = ctl.state.valid
+        loss = weighted_guide_loss(sim, valid, config)
+    blocks = list(sim.logits)
+    assert blocks and set(blocks) == set(sim.static_compute)
+    scores = torch.cat([sim.scores[i][valid] for i in blocks])
+    weights = 1 + scores.clamp(min=0)
+    targets = torch.cat([sim.static_compute[i][valid] for i in blocks]).float() * 0.9 + 0.05
+    expected = weighted_bce(torch.cat([sim.logits[i][valid] for i in blocks]), targets, weights / weights.mean(),
+                            True)
+    torch.testing.assert_close(loss, expected)
+    assert float(scores.max()) > float(scores.min())  # the weights differ: the sink's example counts more
+    with routed_model(tiny, ctl):
+        history = train_router(tiny, ctl, _ids(32, batch=4), config, progress=False)
+    assert len(history["loss_guide"]) == 4 and all(math.isfinite(v) for v in history["loss_guide"])

@@ -87,11 +87,14 @@ class RoutingPolicy:
 class Simulation:
     """The training forward: gates instead of skipping. `sample_gates`: straight-through Gumbel samples (training),
     else the policy's own rule; `forced`: decisions given per block (tests, references). Filled per routed block:
-    soft P(compute) and the static router's decision (the guide loss's target), and the gates."""
+    soft P(compute), the logits and the attention-score input they came from, the static router's decision (the
+    guide loss's target), and the gates."""
 
     sample_gates: bool = False
     forced: dict[int, torch.Tensor] | None = None
     p_compute: dict[int, torch.Tensor] = field(default_factory=dict)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
     static_compute: dict[int, torch.Tensor] = field(default_factory=dict)
     gates: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -295,7 +298,7 @@ class RoutingController:
         sparsity = policy.schedule[index]
         features = router_features(valid, state.table, sparsity, policy.position, policy.use_sparsity)
         logits, p_compute = self._p_compute(features)
-        sim.p_compute[index] = p_compute
+        sim.p_compute[index], sim.logits[index], sim.scores[index] = p_compute, logits, features[..., 1]
         sim.static_compute[index] = static_compute_mask(valid, sparsity)
         if sim.sample_gates:
             gate = F.gumbel_softmax(logits, tau=self.gumbel_tau, hard=True)[..., 0]

@@ -116,12 +116,13 @@ ROUTER_TRAINING_FIELDS = (
     "position_input", "position_scale", "sparsity_input", "router_hidden", "gumbel_tau", "warm_start_sequences",
     "warm_start_steps", "warm_start_lr", "warm_start_batch", "warm_start_weighted", "warm_start_smoothing",
     "warm_start_rounds", "warm_start_logit_bce", "selection_tolerance", "train_sequences", "train_seq_len",
-    "learning_rate", "select_every", "selection_seq_len",
-    "train_scale_low", "train_scale_high", "guide_weight_start", "guide_decay_fraction", "sparsity_loss_weight",
-    "hard_sparsity", "distill_loss_weight", "distill_target", "distill_normalised", "joint_standardised")
+    "train_min_seq_len", "learning_rate", "select_every", "selection_seq_len",
+    "train_scale_low", "train_scale_high", "guide_weight_start", "guide_decay_fraction", "guide_like_warm_start",
+    "sparsity_loss_weight", "hard_sparsity", "distill_loss_weight", "distill_target", "distill_normalised", "joint_standardised")
 # Fields added after artifacts were committed: at these values (the behaviour before the field existed) they stay
 # out of the artifact key, so the committed artifacts keep their keys.
-LEGACY_KEY_VALUES: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01}
+LEGACY_KEY_VALUES: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01,
+                                     "train_min_seq_len": None, "guide_like_warm_start": False}
 SELECTION_ITERATIONS = 6  # solver steps per model-selection check (twice as many below a ±0.01 tolerance)
 
 
@@ -166,6 +167,9 @@ class FTP(Method):
     # yet: the committed artifacts were trained with the probability form (README)
     train_sequences: int | None = None
     train_seq_len: int | None = None
+    # None: every training window has train_seq_len tokens; else each is cut to a length drawn from
+    # [train_min_seq_len, train_seq_len] (methods.ftp.training.training_window)
+    train_min_seq_len: int | None = None
     learning_rate: float | None = None
     select_every: int | None = None
     train_scale_low: float = 0.6
@@ -173,6 +177,7 @@ class FTP(Method):
     gumbel_tau: float = 1.0
     guide_weight_start: float = 1.0
     guide_decay_fraction: float = 0.5
+    guide_like_warm_start: bool = False  # joint L_g weighted and smoothed as the warm start fits it (training)
     sparsity_loss_weight: float = 1.0
     hard_sparsity: bool = True
     distill_loss_weight: float = 1.0
@@ -249,6 +254,9 @@ class FTP(Method):
         if self.distill_target not in ("final_norm", "block_output", "logits"):
             raise MethodConfigError(f"ftp: distill_target must be 'final_norm', 'block_output' or 'logits', "
                                     f"got {self.distill_target!r}")
+        if self.train_min_seq_len is not None and not 1 <= self.train_min_seq_len <= self.train_seq_len:
+            raise MethodConfigError(f"ftp: train_min_seq_len must be in [1, train_seq_len={self.train_seq_len}] "
+                                    f"or None, got {self.train_min_seq_len!r}")
         if not 0.0 < self.selection_tolerance <= 0.02:
             raise MethodConfigError("ftp: selection_tolerance must be in (0, 0.02], e.g. 0.002")
         if not 0.0 < self.rescale_tolerance <= 0.02:
@@ -293,7 +301,8 @@ class FTP(Method):
                            warm_start_weighted=self.warm_start_weighted,
                            warm_start_smoothing=self.warm_start_smoothing, warm_start_rounds=self.warm_start_rounds,
                            warm_start_logit_bce=self.warm_start_logit_bce,
-                           select_every=self.select_every)
+                           select_every=self.select_every, min_window=self.train_min_seq_len or 0,
+                           guide_like_warm_start=self.guide_like_warm_start)
 
     def calibrate(self, model, tokenizer, calibration: CalibrationSet) -> dict[str, Any]:
         torch.manual_seed(self.seed)  # router init

@@ -21,7 +21,11 @@ the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper lea
    routed) of the next-token distributions (nats per position, the scale of the LM loss; the MSE on SmolLM2's
    hidden states, even ÷ the dense variance, sat at 0.6-0.7 and joint training drifted from the warm start); and
    the optimiser works on standardised router inputs like the warm start (Adam's per-weight steps would otherwise
-   be ~70× larger on the attention-score input than on the others), folded back afterwards.
+   be ~70× larger on the attention-score input than on the others), folded back afterwards. Opt-in
+   (`guide_like_warm_start`): L_g in the warm start's weighted, smoothed form (`weighted_guide_loss`).
+
+Opt-in for both steps (`min_window`): windows cut to lengths drawn from [min_window, full] (`training_window`), so
+the router meets the range of attention scores that inference shows.
 3. **Model selection on held-out calibration text** (windows of the length inference sees): the router after the
    warm start and every `select_every` steps is scored by its LM loss at the target compute sparsity (schedule
    scale solved per candidate), and the best is kept, so the kept router is never worse than the warm start on that text."""
@@ -51,6 +55,23 @@ def guide_loss(p_compute: dict[int, torch.Tensor], static_compute: dict[int, tor
         losses.append(F.binary_cross_entropy(p[valid], target[valid]) if valid is not None
                       else F.binary_cross_entropy(p, target))
     return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def weighted_guide_loss(sim, valid: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """L_g in the warm start's form (`TrainConfig.guide_like_warm_start`): BCE against the static decision over
+    every (valid token, routed block) of the forward, each example weighted by 1 + the attention its token receives
+    (÷ their mean) and the targets smoothed, as `warm_start` fits them. Joint training then starts at the minimum
+    of its own guide term; the plain `guide_loss` (unweighted, unsmoothed) pulls the warm-started router away at
+    once, and the attention sink's one example per row and block weighs nothing in it."""
+    blocks = list(sim.logits)
+    if not blocks:
+        return torch.zeros(())
+    logits = torch.cat([sim.logits[i][valid] for i in blocks])
+    decisions = torch.cat([sim.static_compute[i][valid] for i in blocks]).to(logits.dtype)
+    scores = torch.cat([sim.scores[i][valid] for i in blocks]).to(logits.dtype)
+    weights = 1.0 + scores.clamp(min=0) if config.warm_start_weighted else torch.ones_like(scores)
+    targets = decisions * (1 - 2 * config.warm_start_smoothing) + config.warm_start_smoothing
+    return weighted_bce(logits, targets, weights / weights.mean(), config.warm_start_logit_bce)
 
 
 def sparsity_loss(computed: dict[int, torch.Tensor], schedule, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,12 +127,24 @@ class TrainConfig:
     warm_start_rounds: int = 2  # 1 + rounds of labels collected while the learned router routes (DAgger)
     warm_start_logit_bce: bool = False  # BCE from the logit difference (stable) instead of softmax probabilities
     select_every: int = 40  # joint-training steps between held-out model-selection checks
+    guide_like_warm_start: bool = False  # joint L_g weighted and smoothed as the warm start (weighted_guide_loss)
+    min_window: int = 0  # 0: every training window at full length; else cut to a length drawn from [min_window, full]
 
 
 def sampled_schedule(schedule, rng: random.Random, config: TrainConfig) -> tuple[float, ...]:
     """The schedule scaled by a factor drawn uniformly from [scale_low, scale_high], clipped to [0, max]."""
     scale = rng.uniform(config.scale_low, config.scale_high)
     return tuple(min(config.max_sparsity, max(0.0, s * scale)) for s in schedule)
+
+
+def training_window(row: torch.Tensor, rng: random.Random, config: TrainConfig) -> torch.Tensor:
+    """A training row as the router meets it: whole, or (`config.min_window`) its first L tokens, L drawn uniformly
+    from [min_window, len(row)], so the router trains on the range of lengths, and so of attention scores, it routes
+    at inference: the score input is a sum over the queries that see a token and grows with N (the attention sink's
+    reaches ~150 at 512 tokens, twice what 256-token windows show)."""
+    if not config.min_window:
+        return row
+    return row[: rng.randint(min(config.min_window, len(row)), len(row))]
 
 
 def teacher_features(model, controller: RoutingController, windows: torch.Tensor, rng: random.Random,
@@ -128,7 +161,7 @@ def teacher_features(model, controller: RoutingController, windows: torch.Tensor
             controller.policy = replace(base, kind=kind, log_features=True,
                                         schedule=sampled_schedule(base.schedule, rng, config))
             with torch.inference_mode():
-                model.model(input_ids=row[None].to(device), use_cache=False)
+                model.model(input_ids=training_window(row, rng, config)[None].to(device), use_cache=False)
         features = torch.cat([f for f, _ in controller.feature_log])
         decisions = torch.cat([d for _, d in controller.feature_log]).float()
     finally:
@@ -275,14 +308,15 @@ def _joint_epoch(model, controller: RoutingController, windows: torch.Tensor, co
     router.train()
     try:
         for step in bar:
-            input_ids = windows[step:step + 1].to(device)
             controller.policy = replace(base, schedule=sampled_schedule(base.schedule, rng, config))
+            input_ids = training_window(windows[step], rng, config)[None].to(device)
             with torch.no_grad(), controller.dense():
                 dense_hidden = _final_hidden(model, controller, input_ids, config.distill_target).detach()
             with torch.enable_grad(), controller.simulating(sample_gates=True) as sim:
                 hidden = _final_hidden(model, controller, input_ids, config.distill_target)
                 valid = controller.state.valid
-                l_guide = guide_loss(sim.p_compute, sim.static_compute, valid)
+                l_guide = (weighted_guide_loss(sim, valid, config) if config.guide_like_warm_start
+                           else guide_loss(sim.p_compute, sim.static_compute, valid))
                 gates = sim.gates if config.hard_sparsity else sim.p_compute
                 l_sparsity = sparsity_loss(gates, controller.policy.schedule, valid)
                 l_distill = distillation_loss(hidden, dense_hidden, config.distill_normalised, config.distill_target)
