@@ -23,12 +23,12 @@ the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper lea
    the optimiser works on standardised router inputs like the warm start (Adam's per-weight steps would otherwise
    be ~70× larger on the attention-score input than on the others), folded back afterwards. Opt-in
    (`guide_like_warm_start`): L_g in the warm start's weighted, smoothed form (`weighted_guide_loss`).
-
-Opt-in for both steps (`min_window`): windows cut to lengths drawn from [min_window, full] (`training_window`), so
-the router meets the range of attention scores that inference shows.
 3. **Model selection on held-out calibration text** (windows of the length inference sees): the router after the
    warm start and every `select_every` steps is scored by its LM loss at the target compute sparsity (schedule
-   scale solved per candidate), and the best is kept, so the kept router is never worse than the warm start on that text."""
+   scale solved per candidate), and the best is kept, so the kept router is never worse than the warm start on that text.
+
+Opt-in for steps 1 and 2 (`min_window`): windows cut to lengths drawn from [min_window, full] (`training_window`),
+so the router meets the range of attention scores that inference shows."""
 
 from __future__ import annotations
 
@@ -60,9 +60,10 @@ def guide_loss(p_compute: dict[int, torch.Tensor], static_compute: dict[int, tor
 def weighted_guide_loss(sim, valid: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """L_g in the warm start's form (`TrainConfig.guide_like_warm_start`): BCE against the static decision over
     every (valid token, routed block) of the forward, each example weighted by 1 + the attention its token receives
-    (÷ their mean) and the targets smoothed, as `warm_start` fits them. Joint training then starts at the minimum
-    of its own guide term; the plain `guide_loss` (unweighted, unsmoothed) pulls the warm-started router away at
-    once, and the attention sink's one example per row and block weighs nothing in it."""
+    (÷ their mean) and the targets smoothed, as `warm_start` fits them, so joint training starts at the minimum of
+    its own guide term (the plain `guide_loss` is unweighted and unsmoothed: the attention sink's one example per
+    row and block weighs little in it). Measured on seed 0 (README), the first joint steps still dropped the sink
+    in some blocks with it: the guide's form is not what pulls the router off its warm start."""
     blocks = list(sim.logits)
     if not blocks:
         return torch.zeros(())
@@ -141,7 +142,7 @@ def training_window(row: torch.Tensor, rng: random.Random, config: TrainConfig) 
     """A training row as the router meets it: whole, or (`config.min_window`) its first L tokens, L drawn uniformly
     from [min_window, len(row)], so the router trains on the range of lengths, and so of attention scores, it routes
     at inference: the score input is a sum over the queries that see a token and grows with N (the attention sink's
-    reaches ~150 at 512 tokens, twice what 256-token windows show)."""
+    reads up to 120-160 at 512 tokens, about twice what 256-token windows show; scripts/ftp_sink_scores.py)."""
     if not config.min_window:
         return row
     return row[: rng.randint(min(config.min_window, len(row)), len(row))]
