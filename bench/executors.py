@@ -146,6 +146,21 @@ class _Sweep:
         self.runner.clock.seconds[stage] = time.perf_counter() - self.start
 
 
+RAY_CANCEL_GRACE_S = 1.0
+
+
+def _cancel_unfinished(ray, refs: list) -> None:
+    """Force-cancel the tasks still running after a failure, once those about to finish have had
+    `RAY_CANCEL_GRACE_S` to do so. Ray 2.60 aborts the driver process when a cancel races the completion of the same
+    task (a RAY_CHECK in its task manager, "Tried to complete task that was not pending"; of the kind of
+    ray-project/ray#54798): a study whose workers all fail at once, as when the model cannot load, hit it in CI."""
+    if not refs:
+        return
+    _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=RAY_CANCEL_GRACE_S)
+    for ref in unfinished:
+        ray.cancel(ref, force=True)
+
+
 def run_on_ray(runner) -> list[str]:
     """Execute `runner.plan` on Ray: every missing artifact once as its own task, each group a task that waits for
     the artifact it needs; fills the runner's run_cells / cells_written / cells_skipped / clock as the local
@@ -182,8 +197,7 @@ def run_on_ray(runner) -> list[str]:
                 done, pending = ray.wait(pending, num_returns=1)
                 sweep.add(ray.get(done[0]))
         except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            _cancel_unfinished(ray, pending)
             raise
         finally:
             sweep.close("ray wall")
