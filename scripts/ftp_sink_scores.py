@@ -45,7 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()
-    for directory in args.artifacts or [SEED0]:
+    directories = args.artifacts or [SEED0]
+    for directory in directories:
         artifact, meta = load_artifact_dir(directory)
         method = make_method("ftp", **{**meta["key"]["fields"], "progress": False})
         method.load_artifact(artifact)
@@ -53,7 +54,7 @@ def main() -> None:
         calibration = load_calibration(tokenizer, settings.n_samples, settings.seq_len, settings.seed,
                                        settings.source)
         schedule = artifact["inference_schedule"]
-        if directory == (args.artifacts or [SEED0])[0]:
+        if directory == directories[0]:  # the length sweep once, on the first artifact's schedule and data
             static = RoutingController(model.config, replace(method.policy(schedule, kind="static"),
                                                              log_features=True), None)
             for length in LENGTHS:

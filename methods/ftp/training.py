@@ -70,9 +70,16 @@ def weighted_guide_loss(sim, valid: torch.Tensor, config: TrainConfig) -> torch.
     logits = torch.cat([sim.logits[i][valid] for i in blocks])
     decisions = torch.cat([sim.static_compute[i][valid] for i in blocks]).to(logits.dtype)
     scores = torch.cat([sim.scores[i][valid] for i in blocks]).to(logits.dtype)
-    weights = 1.0 + scores.clamp(min=0) if config.warm_start_weighted else torch.ones_like(scores)
+    return weighted_bce(logits, *imitation_targets(decisions, scores, config), config.warm_start_logit_bce)
+
+
+def imitation_targets(decisions: torch.Tensor, scores: torch.Tensor,
+                      config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(smoothed targets, weights ÷ their mean) of the warm start's BCE: each example weighted by 1 + the attention
+    its token receives (its score input) when `warm_start_weighted`."""
+    weights = 1.0 + scores.clamp(min=0) if config.warm_start_weighted else torch.ones_like(decisions)
     targets = decisions * (1 - 2 * config.warm_start_smoothing) + config.warm_start_smoothing
-    return weighted_bce(logits, targets, weights / weights.mean(), config.warm_start_logit_bce)
+    return targets, weights / weights.mean()
 
 
 def sparsity_loss(computed: dict[int, torch.Tensor], schedule, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,9 +227,7 @@ def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Ten
     costs what skipping its key would. Returns the minibatch loss per step."""
     device = next(router.parameters()).device
     features, decisions = features.to(device), decisions.to(device)
-    weights = 1.0 + features[:, 1].clamp(min=0) if config.warm_start_weighted else torch.ones_like(decisions)
-    weights = weights / weights.mean()
-    targets = decisions * (1 - 2 * config.warm_start_smoothing) + config.warm_start_smoothing
+    targets, weights = imitation_targets(decisions, features[:, 1], config)
     optimizer = torch.optim.Adam(router.parameters(), lr=config.warm_start_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.warm_start_steps))
     generator = torch.Generator().manual_seed(seed)
