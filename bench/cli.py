@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the artifact as JSON (tensors summarised)")
     p.add_argument("--save-committed", action="store_true",
                    help="write the artifact into methods/artifacts/ (maintainers: artifacts shipped with the repo)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a study file whose [fields.METHOD] and [calibration.METHOD] tables apply, as in `run` "
+                        "(e.g. configs/ftp_recipe_v4.toml); its other keys are not used here")
 
     sub.add_parser("list", help="methods, tasks and models")
 
@@ -317,12 +320,18 @@ def cmd_calibrate(args) -> int:
     from bench.artifacts import ensure_calibrated
     from bench.budgets import sized_fields
     from bench.models import cpu_threads, load_model
+    from bench.study import give_calibration, load_study, overrides_for
     from methods import make_method
 
-    fields = {"sparsity": args.sparsity, "seed": args.seed}
+    fields, calibration = {"sparsity": args.sparsity, "seed": args.seed}, {}
+    if args.config:
+        study = load_study(args.config)
+        fields = {**overrides_for(args.method, study["method_fields"]), **fields}
+        calibration = overrides_for(args.method, study["calibration"])
     make_method(args.method, **fields)  # bad input fails before the model loads
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     method = make_method(args.method, **sized_fields(args.method, fields, model.config))  # bench.budgets
+    give_calibration(method, calibration)
     from bench.artifacts import COMMITTED_DIR
 
     with cpu_threads(model, args.threads):

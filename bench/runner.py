@@ -24,7 +24,7 @@ from bench.matching import PROTOCOL
 from bench.models import adds_bos, cpu_threads, load_model, validate_model_name
 from bench.provenance import BENCH_VERSION, Provenance
 from bench.store import Store, cell_hash
-from bench.study import model_shape, overrides_for
+from bench.study import give_calibration, model_shape, overrides_for
 from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
 from methods import Method, MethodConfigError, make_method
 
@@ -91,9 +91,7 @@ def plan_methods(config: RunConfig, shape=None) -> list[Method]:
                     raise MethodConfigError(
                         f"{exc} (this model is small, so {name} got its preset {fields['preset']!r} "
                         f"(bench.budgets); name a preset in the study's [fields.{name}] to choose another)") from exc
-                if calibration:  # the calibration text this method is given (part of its artifact key and cells)
-                    method.default_calibration = {**type(method).default_calibration, **calibration}
-                    method.calibration_override = calibration
+                give_calibration(method, calibration)
                 plan.append(method)
     return plan
 

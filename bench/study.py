@@ -160,6 +160,13 @@ def overrides_for(name: str, tables: dict[str, dict]) -> dict[str, Any]:
     return {**tables.get(family, {}), **(tables.get(name, {}) if name != family else {})}
 
 
+def give_calibration(method, calibration: dict[str, Any]) -> None:
+    """Give `method` a study's calibration text (`[calibration.NAME]`), which enters its artifact key and cells."""
+    if calibration:
+        method.default_calibration = {**type(method).default_calibration, **calibration}
+        method.calibration_override = calibration
+
+
 # -- --dry-run: the cell plan, the artifacts to calibrate, an estimated cost; no model is loaded -------------------
 # Shapes of the models the shipped studies name, so a plan needs no network (values of their config.json files).
 KNOWN_SHAPES: dict[str, dict[str, int]] = {

@@ -5,32 +5,26 @@ Read-only: it evaluates committed artifacts and trains nothing.
 
     python scripts/ftp_matched_heldout.py [ARTIFACT_DIR ...] [--tolerance 0.0003]
 
-Default: the default model's three committed `ftp` seeds. Prints, per artifact, the learned router's c and LM loss at
-its inference scale on the 12 held-out rescale windows, the static router's at the matched c, their difference, the
-same with the learned router's first token forced computed (how much of the difference the attention sink
-explains), the local slope of the static router's loss in c, and a paired 95% interval of learned − static over the 12
-windows (t with 11 degrees of freedom: the windows are the unit that varies)."""
+Default: the default model's three committed `ftp` seeds of the current recipe. Prints, per artifact, the learned
+router's c and LM loss at its inference scale on the 12 held-out rescale windows, the static router's at the matched
+c, their difference, the same with the learned router's first token forced computed (how much of the difference the
+attention sink explains), the local slope of the static router's loss in c, and a paired 95% interval of learned −
+static over the 12 windows (t with 11 degrees of freedom: the windows are the unit that varies)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import torch
 
-from bench.artifacts import CalibrationSettings, load_artifact_dir
-from bench.calibration import load_calibration
 from bench.models import load_model
-from methods import make_method
 from methods.ftp.block import RoutingController, routed_model
 from methods.ftp.measure import measure_routing, solve_scale
 from methods.ftp.router import first_valid_token
 from methods.ftp.schedule import scaled_schedule
-
-SEEDS = ("ftp-6054a941d4295dee", "ftp-3c04318cc15f6afe", "ftp-72eb5565959926cf")  # seeds 0, 1, 2
-
+from scripts.ftp_artifacts import committed_seeds, load
 
 T_975_DF11 = 2.201  # two-sided 95% quantile of Student's t with 11 degrees of freedom (12 windows)
 
@@ -58,18 +52,11 @@ class FirstTokenForced(RoutingController):
 
 
 def compare(model, tokenizer, directory: Path, tolerance: float) -> dict:
-    artifact, meta = load_artifact_dir(directory)
-    fields = meta["key"]["fields"]
-    method = make_method("ftp", **{**fields, "progress": False})
-    method.load_artifact(artifact)
-    settings = CalibrationSettings.for_method(method, method.seed)
-    calibration = load_calibration(tokenizer, settings.n_samples, settings.seq_len, settings.seed, settings.source)
-    torch.manual_seed(method.seed)
-    device = next(model.parameters()).device
-    windows = method.calibration_windows(calibration, random.Random(method.seed), device).rescale  # as calibrate
+    loaded = load(directory, tokenizer, next(model.parameters()).device)
+    artifact, method, windows = loaded.artifact, loaded.method, loaded.windows.rescale
     schedule, scale, top = artifact["schedule"], artifact["schedule_scale"], method.max_block_sparsity
     row: dict = {"artifact": directory.name, "seed": method.seed}
-    router = method.build_router().to(device)
+    router = method.build_router().to(windows.device)
     for name, controller in (("learned", method.controller(model.config, schedule, router)),
                              ("first_forced", FirstTokenForced(model.config, method.policy(schedule), router,
                                                                seed=method.seed))):
@@ -105,7 +92,7 @@ def main() -> None:
     parser.add_argument("artifacts", nargs="*", type=Path)
     parser.add_argument("--tolerance", type=float, default=0.0003)
     args = parser.parse_args()
-    directories = args.artifacts or [Path("methods/artifacts") / name for name in SEEDS]
+    directories = args.artifacts or committed_seeds()
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()
     for directory in directories:

@@ -6,25 +6,21 @@
    queries that see it) against the other tokens', under the static router on 8 calibration windows cut to 64,
    128, 256 and 512 tokens: the score grows with the length, so a router trained on 256-token windows meets sink
    scores at 512 tokens that it never saw.
-2. For each artifact (default: the committed seed-0 `ftp`), on the 12 held-out rescale windows at its inference
+2. For each artifact (default: the committed seed-0 `ftp` of the current recipe), on the 12 held-out rescale windows at its inference
    schedule: every (window, block) where the learned router skips the first token, with its four inputs there."""
 
 from __future__ import annotations
 
 import argparse
-import random
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.artifacts import CalibrationSettings, load_artifact_dir
-from bench.calibration import load_calibration
 from bench.models import load_model
-from methods import make_method
 from methods.ftp.block import RoutingController, routed_model
+from scripts.ftp_artifacts import committed_seeds, load
 
-SEED0 = Path("methods/artifacts/ftp-6054a941d4295dee")
 LENGTHS = (64, 128, 256, 512)
 
 
@@ -45,15 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()
-    directories = args.artifacts or [SEED0]
+    directories = args.artifacts or committed_seeds((0,))
     for directory in directories:
-        artifact, meta = load_artifact_dir(directory)
-        method = make_method("ftp", **{**meta["key"]["fields"], "progress": False})
-        method.load_artifact(artifact)
-        settings = CalibrationSettings.for_method(method, method.seed)
-        calibration = load_calibration(tokenizer, settings.n_samples, settings.seq_len, settings.seed,
-                                       settings.source)
-        schedule = artifact["inference_schedule"]
+        loaded = load(directory, tokenizer)
+        method, calibration = loaded.method, loaded.calibration
+        schedule = loaded.artifact["inference_schedule"]
         if directory == directories[0]:  # the length sweep once, on the first artifact's schedule and data
             static = RoutingController(model.config, replace(method.policy(schedule, kind="static"),
                                                              log_features=True), None)
@@ -64,7 +56,7 @@ def main() -> None:
                 print(f"{length:4d} tokens, static routing: first token's score median {float(sink.median()):6.1f} "
                       f"max {float(sink.max()):6.1f}; other tokens' 99th percentile {float(others.quantile(0.99)):5.1f}"
                       f" max {float(others.max()):6.1f}")
-        windows = method.calibration_windows(calibration, random.Random(method.seed), "cpu").rescale
+        windows = loaded.windows.rescale
         router = method.build_router()
         learned = method.controller(model.config, schedule, router)
         learned.policy = replace(learned.policy, log_features=True)

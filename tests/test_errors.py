@@ -34,6 +34,17 @@ def test_bad_input_one_message_and_store_untouched(tmp_path, capsys, argv, expec
     assert not results.exists()
 
 
+def test_calibrate_takes_a_study_files_method_fields(tmp_path, capsys):
+    """`calibrate --config` applies the file's [fields.METHOD] (checked before any model loads) and names a
+    missing file."""
+    study = tmp_path / "study.toml"
+    study.write_text("[fields.ftp]\ntrain_min_seq_len = 600\n")
+    code, err = _run(capsys, "calibrate", "--method", "ftp-uniform", "--config", str(study))
+    assert code == 2 and "train_min_seq_len must be in [1, train_seq_len=512]" in err and "Traceback" not in err
+    code, err = _run(capsys, "calibrate", "--method", "ftp", "--config", str(tmp_path / "none.toml"))
+    assert code == 2 and "no such file" in err
+
+
 def test_bad_limit_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--limit", "zero"])

@@ -640,23 +640,34 @@ def test_logit_bce_keeps_the_gradient_of_a_saturated_wrong_prediction():
 
 
 def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
-    """Every committed FTP artifact's key is what its fields give today (no field leaks into the key); a later field
-    enters it only when set away from its legacy value."""
+    """Every committed FTP artifact's key is what its fields give today, a field added after it was made taking its
+    legacy value (no field leaks into the key); the current recipe's fields are in the default key; and
+    configs/ftp_recipe_v4.toml reaches the artifacts made before the recipe changed."""
     import json
     from pathlib import Path
 
+    from bench.artifacts import COMMITTED_DIR, CalibrationSettings, artifact_key, key_hash
+    from bench.study import load_study, overrides_for
+    from methods.ftp.method import LEGACY_KEY_VALUES
+
     committed = sorted(Path("methods/artifacts").glob("ftp-*/artifact.json"))
-    assert len(committed) >= 9
+    assert len(committed) >= 12
     for path in committed:
         fields = json.loads(path.read_text())["key"]["fields"]
-        assert make_method("ftp", **fields).calibration_config() == fields, path.parent.name
-    legacy = make_method("ftp", sparsity=0.25).calibration_config()
-    assert not {"warm_start_logit_bce", "selection_tolerance", "train_min_seq_len"} & set(legacy)
-    changed = make_method("ftp", sparsity=0.25, warm_start_logit_bce=True, selection_tolerance=0.002,
-                          train_seq_len=512, train_min_seq_len=64)
-    assert changed.calibration_config()["warm_start_logit_bce"] is True
-    assert changed.calibration_config()["selection_tolerance"] == 0.002
-    assert changed.calibration_config()["train_min_seq_len"] == 64
+        assert make_method("ftp", **{**LEGACY_KEY_VALUES, **fields}).calibration_config() == fields, path.parent.name
+    current = make_method("ftp", sparsity=0.25).calibration_config()
+    assert {k: current[k] for k in ("warm_start_logit_bce", "selection_tolerance", "train_min_seq_len",
+                                    "train_seq_len", "learning_rate", "select_every")} == {
+        "warm_start_logit_bce": True, "selection_tolerance": 0.002, "train_min_seq_len": 64, "train_seq_len": 512,
+        "learning_rate": 3e-4, "select_every": 20}
+    assert "guide_like_warm_start" not in current
+    v4 = load_study("configs/ftp_recipe_v4.toml")["method_fields"]
+    for name in ("ftp", "ftp-uniform", "ftp-nopos", "ftp-nosparsity"):
+        method = make_method(name, sparsity=0.25, **overrides_for(name, v4))
+        assert not {"warm_start_logit_bce", "selection_tolerance", "train_min_seq_len"} & set(
+            method.calibration_config()), name
+        key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=0))
+        assert (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir(), name
 
 
 def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row():

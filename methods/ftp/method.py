@@ -81,21 +81,22 @@ from methods.ftp.training import TrainConfig, imitate_teacher, lm_loss, train_ro
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"elites": 4, "holdout_windows": 24, "population": 32, "generations": 30, "finetune_generations": 10,
-              "warm_start_sequences": 256, "warm_start_steps": 3000, "train_sequences": 2000, "train_seq_len": 512, "select_every": 200,
-              "selection_seq_len": 512,
+              "warm_start_sequences": 256, "warm_start_steps": 3000, "train_sequences": 2000, "train_seq_len": 512,
+              "train_min_seq_len": 64, "select_every": 200, "selection_seq_len": 512,
               "learning_rate": 1e-3, "fitness_windows": 8, "fitness_seq_len": 512, "rescale_windows": 16},
     "cpu": {"elites": 4, "holdout_windows": 16, "population": 16, "generations": 10, "finetune_generations": 3,
-            "warm_start_sequences": 64, "warm_start_steps": 3000, "train_sequences": 240, "train_seq_len": 256, "select_every": 40,
-            "selection_seq_len": 512,
-            "learning_rate": 1e-3, "fitness_windows": 4, "fitness_seq_len": 256, "rescale_windows": 12},
+            "warm_start_sequences": 64, "warm_start_steps": 3000, "train_sequences": 240, "train_seq_len": 512,
+            "train_min_seq_len": 64, "select_every": 20, "selection_seq_len": 512,
+            "learning_rate": 3e-4, "fitness_windows": 4, "fitness_seq_len": 256, "rescale_windows": 12},
     # models under 20M decoder parameters (bench.budgets): a user's small model calibrates in seconds, not minutes
     "small": {"elites": 2, "holdout_windows": 8, "population": 8, "generations": 5, "finetune_generations": 2,
               "warm_start_sequences": 16, "warm_start_steps": 500, "train_sequences": 60, "train_seq_len": 256,
-              "select_every": 20, "selection_seq_len": 256,
+              "train_min_seq_len": 32, "select_every": 20, "selection_seq_len": 256,
               "learning_rate": 1e-3, "fitness_windows": 2, "fitness_seq_len": 256, "rescale_windows": 6},
     # seconds on the tiny test model (tests only)
     "test": {"elites": 2, "learning_rate": 1e-3, "population": 4, "generations": 2, "finetune_generations": 1,
-             "warm_start_sequences": 2, "warm_start_steps": 50, "train_sequences": 4, "train_seq_len": 32, "select_every": 2,
+             "warm_start_sequences": 2, "warm_start_steps": 50, "train_sequences": 4, "train_seq_len": 32,
+             "train_min_seq_len": 16, "select_every": 2,
              "selection_seq_len": 32,
              "fitness_windows": 1, "fitness_seq_len": 32, "rescale_windows": 1, "holdout_windows": 2},
 }
@@ -122,7 +123,7 @@ ROUTER_TRAINING_FIELDS = (
 # Fields added after artifacts were committed: at these values (the behaviour before the field existed) they stay
 # out of the artifact key, so the committed artifacts keep their keys.
 LEGACY_KEY_VALUES: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01,
-                                     "train_min_seq_len": None, "guide_like_warm_start": False}
+                                     "train_min_seq_len": 0, "guide_like_warm_start": False}
 SELECTION_ITERATIONS = 6  # solver steps per model-selection check (twice as many below a ±0.01 tolerance)
 
 
@@ -163,12 +164,13 @@ class FTP(Method):
     warm_start_weighted: bool = True
     warm_start_smoothing: float = 0.05
     warm_start_rounds: int = 2
-    warm_start_logit_bce: bool = False  # stable BCE from logits (methods.ftp.training.weighted_bce); not the default
-    # yet: the committed artifacts were trained with the probability form (README)
+    warm_start_logit_bce: bool = True  # stable BCE from logits (methods.ftp.training.weighted_bce); False: the
+    # probability form, which the earlier artifacts used (README)
     train_sequences: int | None = None
     train_seq_len: int | None = None
-    # None: every training window has train_seq_len tokens; else each is cut to a length drawn from
-    # [train_min_seq_len, train_seq_len] (methods.ftp.training.training_window)
+    # each training window is cut to a length drawn from [train_min_seq_len, train_seq_len]
+    # (methods.ftp.training.training_window), so the router meets the attention scores of every length it routes;
+    # None: from the preset; 0: every window full length (the recipe before this field, LEGACY_KEY_VALUES)
     train_min_seq_len: int | None = None
     learning_rate: float | None = None
     select_every: int | None = None
@@ -190,7 +192,7 @@ class FTP(Method):
     # each candidate router is scored at a schedule scale that puts its c within ±selection_tolerance of the
     # target (up to 6 solver steps, 12 when tighter); near c = 0.25 one unit of c is worth ~9-12 nats, so ±0.01
     # lets a candidate that lands low win by up to ~0.1 nats (README)
-    selection_tolerance: float = 0.01
+    selection_tolerance: float = 0.002
     # matching the target
     rescale_windows: int | None = None
     rescale_tolerance: float = 0.005
@@ -254,9 +256,11 @@ class FTP(Method):
         if self.distill_target not in ("final_norm", "block_output", "logits"):
             raise MethodConfigError(f"ftp: distill_target must be 'final_norm', 'block_output' or 'logits', "
                                     f"got {self.distill_target!r}")
-        if self.train_min_seq_len is not None and not 1 <= self.train_min_seq_len <= self.train_seq_len:
-            raise MethodConfigError(f"ftp: train_min_seq_len must be in [1, train_seq_len={self.train_seq_len}] "
-                                    f"or None, got {self.train_min_seq_len!r}")
+        if self.train_min_seq_len is None:  # a preset without it
+            self.train_min_seq_len = 0
+        if isinstance(self.train_min_seq_len, bool) or not 0 <= int(self.train_min_seq_len) <= self.train_seq_len:
+            raise MethodConfigError(f"ftp: train_min_seq_len must be in [1, train_seq_len={self.train_seq_len}], "
+                                    f"or 0 for full-length windows, got {self.train_min_seq_len!r}")
         if not 0.0 < self.selection_tolerance <= 0.02:
             raise MethodConfigError("ftp: selection_tolerance must be in (0, 0.02], e.g. 0.002")
         if not 0.0 < self.rescale_tolerance <= 0.02:
@@ -301,7 +305,7 @@ class FTP(Method):
                            warm_start_weighted=self.warm_start_weighted,
                            warm_start_smoothing=self.warm_start_smoothing, warm_start_rounds=self.warm_start_rounds,
                            warm_start_logit_bce=self.warm_start_logit_bce,
-                           select_every=self.select_every, min_window=self.train_min_seq_len or 0,
+                           select_every=self.select_every, min_window=self.train_min_seq_len,
                            guide_like_warm_start=self.guide_like_warm_start)
 
     def calibrate(self, model, tokenizer, calibration: CalibrationSet) -> dict[str, Any]:

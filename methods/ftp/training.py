@@ -27,8 +27,10 @@ the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper lea
    warm start and every `select_every` steps is scored by its LM loss at the target compute sparsity (schedule
    scale solved per candidate), and the best is kept, so the kept router is never worse than the warm start on that text.
 
-Opt-in for steps 1 and 2 (`min_window`): windows cut to lengths drawn from [min_window, full] (`training_window`),
-so the router meets the range of attention scores that inference shows."""
+In steps 1 and 2 each window is cut to a length drawn from [min_window, full] (`training_window`; `FTP`'s presets set
+`train_min_seq_len`), so the router meets the range of attention scores that inference shows: the attention-score
+input is a sum over queries and grows with the length, and a router fitted on one length skipped the attention
+sink at longer ones (README)."""
 
 from __future__ import annotations
 
