@@ -259,8 +259,6 @@ class FTP(Method):
         if self.distill_target not in ("final_norm", "block_output", "logits"):
             raise MethodConfigError(f"ftp: distill_target must be 'final_norm', 'block_output' or 'logits', "
                                     f"got {self.distill_target!r}")
-        if self.train_min_seq_len is None:  # a preset without it
-            self.train_min_seq_len = 0
         if isinstance(self.train_min_seq_len, bool) or not 0 <= int(self.train_min_seq_len) <= self.train_seq_len:
             raise MethodConfigError(f"ftp: train_min_seq_len must be in [1, train_seq_len={self.train_seq_len}], "
                                     f"or 0 for full-length windows, got {self.train_min_seq_len!r}")
