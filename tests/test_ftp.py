@@ -10,7 +10,7 @@ import torch
 
 from bench.flops import LayerFlopCoefficients, count_flops
 from methods import make_method
-from methods.base import CalibrationSet, MethodConfigError
+from methods.base import CalibrationSet
 from methods.ftp import FTP
 from methods.ftp.block import RoutingController, RoutingPolicy, routed_model
 from methods.ftp.measure import measure_routing, solve_scale
@@ -313,6 +313,7 @@ def test_generate_with_cache_matches_full_sequence_reference(arch_model):
 
 
 def test_cached_decoding_rejects_batches(tiny):
+    from methods.base import MethodConfigError
 
     ctl = _controller(tiny.config, SCHEDULE, None, kind="static")
     with routed_model(tiny, ctl), pytest.raises(MethodConfigError, match="batch size 1"):
@@ -438,46 +439,6 @@ def test_rescaling_moves_an_argmax_router_onto_the_target(tiny):
     assert fit.scale != 1.0 and ctl.policy.schedule == tuple(min(0.9, s * fit.scale) for s in SCHEDULE)
 
 
-def test_selection_scores_a_router_at_exactly_the_target(tiny):
-    """loss_at_target interpolates the LM loss linearly in c between the nearest tries on each side of the target,
-    measuring one more scale when the solve left a side empty, and leaves the controller on the solved scale."""
-    from methods.ftp.measure import loss_at_target
-
-    ctl = _controller(tiny.config, SCHEDULE, _router(compute_bias=1.0))
-    windows = _ids(48, batch=2)
-    with routed_model(tiny, ctl):
-        fit = solve_scale(tiny, ctl, SCHEDULE, windows, 0.3, 0.05, 12, 0.9, with_loss=True)
-        solved = ctl.policy.schedule
-        tries = len(fit.history)
-        loss = loss_at_target(tiny, ctl, SCHEDULE, windows, 0.3, fit, 0.9)
-    assert ctl.policy.schedule == solved
-    points = [(h["compute_sparsity"], h["lm_loss"]) for h in fit.history]
-    below = max(p for p in points if p[0] <= 0.3)
-    above = min(p for p in points if p[0] >= 0.3)
-    assert len(fit.history) >= tries and below != above
-    expected = below[1] + (above[1] - below[1]) * (0.3 - below[0]) / (above[0] - below[0])
-    assert loss == pytest.approx(expected) and min(below[1], above[1]) <= loss <= max(below[1], above[1])
-
-
-def test_selection_windows_are_never_trained_on():
-    """Beyond the fitness windows, model selection reads the end of the shuffled training pool, which training then
-    leaves out; the training rows are those of the recipe without extra selection windows."""
-    import random
-
-    calibration = _calibration(rows=20)
-    legacy = FTP(sparsity=0.3, preset="test", progress=False).calibration_windows(calibration, random.Random(0), "cpu")
-    method = FTP(sparsity=0.3, preset="test", selection_windows=4, progress=False)
-    windows = method.calibration_windows(calibration, random.Random(0), "cpu")
-    assert len(legacy.selection) == method.fitness_windows and len(windows.selection) == 4
-    assert torch.equal(windows.selection[: method.fitness_windows], legacy.selection)
-    assert torch.equal(windows.train, legacy.train[: len(windows.train)])
-    assert len(windows.train) == len(legacy.train) - (4 - method.fitness_windows)
-    trained = {tuple(row.tolist()) for row in windows.train}
-    assert not trained & {tuple(row.tolist()) for row in windows.selection}
-    with pytest.raises(MethodConfigError, match="selection_windows"):
-        FTP(sparsity=0.3, preset="cpu", selection_windows=2)
-
-
 def test_a_router_deaf_to_its_sparsity_input_is_left_unmatched(tiny):
     """No threshold is moved: a router whose P(compute) ignores s_i and stays above 0.5 cannot be scaled onto the
     target, and the solve says so (c stays near 0) instead of changing the decision rule."""
@@ -514,6 +475,7 @@ def test_registry_variants():
 
 
 def test_bad_fields_raise_clear_errors():
+    from methods.base import MethodConfigError
 
     with pytest.raises(MethodConfigError, match="preset"):
         FTP(preset="fast")
@@ -680,7 +642,7 @@ def test_logit_bce_keeps_the_gradient_of_a_saturated_wrong_prediction():
 def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
     """Every committed FTP artifact's key is what its fields give today, a field added after it was made taking its
     legacy value (no field leaks into the key); the current recipe's fields are in the default key; and
-    configs/ftp_recipe_v4.toml and ftp_recipe_v5.toml reach the artifacts made before the recipe changed."""
+    configs/ftp_recipe_v4.toml reaches the artifacts made before the recipe changed."""
     import json
     from pathlib import Path
 
@@ -695,22 +657,17 @@ def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
         assert make_method("ftp", **{**LEGACY_KEY_VALUES, **fields}).calibration_config() == fields, path.parent.name
     current = make_method("ftp", sparsity=0.25).calibration_config()
     assert {k: current[k] for k in ("warm_start_logit_bce", "selection_tolerance", "train_min_seq_len",
-                                    "train_seq_len", "learning_rate", "select_every", "selection_windows",
-                                    "selection_at_target")} == {
+                                    "train_seq_len", "learning_rate", "select_every")} == {
         "warm_start_logit_bce": True, "selection_tolerance": 0.002, "train_min_seq_len": 64, "train_seq_len": 512,
-        "learning_rate": 3e-4, "select_every": 20, "selection_windows": 16, "selection_at_target": True}
+        "learning_rate": 3e-4, "select_every": 20}
     assert "guide_like_warm_start" not in current
-
-    def committed(name: str, config: str, seed: int = 0) -> bool:
-        fields = load_study(config)["method_fields"]
-        method = make_method(name, sparsity=0.25, seed=seed, **overrides_for(name, fields))
-        assert not set(LEGACY_KEY_VALUES) & set(fields["ftp"]) & set(method.calibration_config()), name
-        key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=seed))
-        return (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir()
-
+    v4 = load_study("configs/ftp_recipe_v4.toml")["method_fields"]
     for name in ("ftp", "ftp-uniform", "ftp-nopos", "ftp-nosparsity"):
-        assert committed(name, "configs/ftp_recipe_v4.toml"), name
-    assert all(committed("ftp", "configs/ftp_recipe_v5.toml", seed) for seed in range(3))
+        method = make_method(name, sparsity=0.25, **overrides_for(name, v4))
+        assert not {"warm_start_logit_bce", "selection_tolerance", "train_min_seq_len"} & set(
+            method.calibration_config()), name
+        key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=0))
+        assert (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir(), name
 
 
 def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row():
@@ -718,6 +675,7 @@ def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row
     stream is unchanged); with one, lengths are drawn from [min, full] and each window is a prefix of its row."""
     import random
 
+    from methods.base import MethodConfigError
     from methods.ftp.training import training_window
 
     row = torch.arange(512)

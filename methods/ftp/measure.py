@@ -116,35 +116,3 @@ def solve_scale(model, ctl: RoutingController, schedule, windows: torch.Tensor, 
         scale = high - f_high * (high - low) / (f_high - f_low)
     ctl.with_schedule(scaled_schedule(schedule, fit.scale, max_sparsity))
     return fit
-
-
-def loss_at_target(model, ctl: RoutingController, schedule, windows: torch.Tensor, target: float, fit: ScaleFit,
-                   max_sparsity: float, step: float = 0.02) -> float:
-    """LM loss at compute sparsity exactly `target`: linear in c between the nearest tries of `fit` (a
-    `solve_scale(..., with_loss=True)`) below and above the target, one scale step of `step` (relative) at a time
-    measured past the best try when none lies on a side. Comparing candidate routers at their own solved c instead
-    lets one that lands low win: near c = 0.25 a unit of c is worth ~10 nats, so ±0.002 moves the loss ±0.02.
-    Leaves `ctl` on `fit.scale`."""
-    tries = [(h["compute_sparsity"], h["lm_loss"]) for h in fit.history]
-    saturated = max_sparsity / min(s for s in schedule if s > 0)
-    for direction in (1, -1):  # +1: a try at c >= target is needed; -1: one at c <= target
-        scale = fit.scale
-        while not any((c - target) * direction >= 0 for c, _ in tries):
-            scale = min(saturated, scale * (1 + direction * step))
-            ctl.with_schedule(scaled_schedule(schedule, scale, max_sparsity))
-            measured = measure_routing(model, ctl, windows, with_loss=True)
-            tries.append((measured["compute_sparsity"], measured["lm_loss"]))
-            fit.history.append({"scale": scale, "compute_sparsity": measured["compute_sparsity"],
-                                "lm_loss": measured["lm_loss"]})
-            if scale >= saturated or scale <= 0:
-                break
-    ctl.with_schedule(scaled_schedule(schedule, fit.scale, max_sparsity))
-    below = [t for t in tries if t[0] <= target]
-    above = [t for t in tries if t[0] >= target]
-    if not below or not above:  # saturated: the nearest try
-        return min(tries, key=lambda t: abs(t[0] - target))[1]
-    (c_low, loss_low), (c_high, loss_high) = max(below), min(above)
-    if c_high == c_low:
-        return (loss_low + loss_high) / 2
-    return loss_low + (loss_high - loss_low) * (target - c_low) / (c_high - c_low)
-

@@ -68,7 +68,7 @@ import torch
 from methods.base import CalibrationSet, Knob, Method, MethodConfigError, MethodStats
 from methods.flop_coefficients import LayerFlopCoefficients
 from methods.ftp.block import ROUTERS, SELECTIONS, RoutingController, RoutingPolicy, routed_model
-from methods.ftp.measure import loss_at_target, routing_summary, solve_scale
+from methods.ftp.measure import routing_summary, solve_scale
 from methods.ftp.router import TokenRouter, keep_count
 from methods.ftp.schedule import (
     GAConfig,
@@ -82,11 +82,11 @@ from methods.ftp.training import TrainConfig, imitate_teacher, lm_loss, train_ro
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"elites": 4, "holdout_windows": 24, "population": 32, "generations": 30, "finetune_generations": 10,
               "warm_start_sequences": 256, "warm_start_steps": 3000, "train_sequences": 2000, "train_seq_len": 512,
-              "train_min_seq_len": 64, "select_every": 200, "selection_seq_len": 512, "selection_windows": 24,
+              "train_min_seq_len": 64, "select_every": 200, "selection_seq_len": 512,
               "learning_rate": 1e-3, "fitness_windows": 8, "fitness_seq_len": 512, "rescale_windows": 16},
     "cpu": {"elites": 4, "holdout_windows": 16, "population": 16, "generations": 10, "finetune_generations": 3,
             "warm_start_sequences": 64, "warm_start_steps": 3000, "train_sequences": 240, "train_seq_len": 512,
-            "train_min_seq_len": 64, "select_every": 20, "selection_seq_len": 512, "selection_windows": 16,
+            "train_min_seq_len": 64, "select_every": 20, "selection_seq_len": 512,
             "learning_rate": 3e-4, "fitness_windows": 4, "fitness_seq_len": 256, "rescale_windows": 12},
     # models under 20M decoder parameters (bench.budgets): a user's small model calibrates in seconds, not minutes.
     # "small" and "test" keep full-length training windows: on a tiny random model (12 layers, hidden 64),
@@ -94,13 +94,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # items (0.225 and 0.161; test_matching), where full windows match
     "small": {"elites": 2, "holdout_windows": 8, "population": 8, "generations": 5, "finetune_generations": 2,
               "warm_start_sequences": 16, "warm_start_steps": 500, "train_sequences": 60, "train_seq_len": 256,
-              "train_min_seq_len": 0, "select_every": 20, "selection_seq_len": 256, "selection_windows": 0,
+              "train_min_seq_len": 0, "select_every": 20, "selection_seq_len": 256,
               "learning_rate": 1e-3, "fitness_windows": 2, "fitness_seq_len": 256, "rescale_windows": 6},
     # seconds on the tiny test model (tests only)
     "test": {"elites": 2, "learning_rate": 1e-3, "population": 4, "generations": 2, "finetune_generations": 1,
              "warm_start_sequences": 2, "warm_start_steps": 50, "train_sequences": 4, "train_seq_len": 32,
              "train_min_seq_len": 0, "select_every": 2,
-             "selection_seq_len": 32, "selection_windows": 0,
+             "selection_seq_len": 32,
              "fitness_windows": 1, "fitness_seq_len": 32, "rescale_windows": 1, "holdout_windows": 2},
 }
 ROUTER_PREFIX = "router."
@@ -112,7 +112,7 @@ class CalibrationWindows:
 
     train: torch.Tensor  # router training, [n, train_seq_len]
     fitness: torch.Tensor  # GA fitness, [fitness_windows, fitness_seq_len]
-    selection: torch.Tensor  # model selection, [max(fitness_windows, selection_windows), selection_seq_len]
+    selection: torch.Tensor  # model selection, [fitness_windows, selection_seq_len]
     rescale: torch.Tensor  # target matching and the held-out report, [rescale_windows, seq_len]
 
 
@@ -120,14 +120,13 @@ ROUTER_TRAINING_FIELDS = (
     "position_input", "position_scale", "sparsity_input", "router_hidden", "gumbel_tau", "warm_start_sequences",
     "warm_start_steps", "warm_start_lr", "warm_start_batch", "warm_start_weighted", "warm_start_smoothing",
     "warm_start_rounds", "warm_start_logit_bce", "selection_tolerance", "train_sequences", "train_seq_len",
-    "train_min_seq_len", "learning_rate", "select_every", "selection_seq_len", "selection_windows", "selection_at_target",
+    "train_min_seq_len", "learning_rate", "select_every", "selection_seq_len",
     "train_scale_low", "train_scale_high", "guide_weight_start", "guide_decay_fraction", "guide_like_warm_start",
     "sparsity_loss_weight", "hard_sparsity", "distill_loss_weight", "distill_target", "distill_normalised", "joint_standardised")
 # Fields added after artifacts were committed: at these values (the behaviour before the field existed) they stay
 # out of the artifact key, so the committed artifacts keep their keys.
 LEGACY_KEY_VALUES: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01,
-                                     "train_min_seq_len": 0, "guide_like_warm_start": False,
-                                     "selection_windows": 0, "selection_at_target": False}
+                                     "train_min_seq_len": 0, "guide_like_warm_start": False}
 SELECTION_ITERATIONS = 6  # solver steps per model-selection check (twice as many below a ±0.01 tolerance)
 
 
@@ -197,13 +196,6 @@ class FTP(Method):
     # target (up to 6 solver steps, 12 when tighter); near c = 0.25 one unit of c is worth ~9-12 nats, so ±0.01
     # lets a candidate that lands low win by up to ~0.1 nats (README)
     selection_tolerance: float = 0.002
-    # model selection scores this many windows: the GA's fitness windows and, beyond them, calibration windows the
-    # training never reads (the end of the shuffled training pool); None: from the preset; 0: the fitness windows
-    # alone (the recipe before this field, LEGACY_KEY_VALUES)
-    selection_windows: int | None = None
-    # score each candidate by its LM loss interpolated to exactly the target c (methods.ftp.measure.loss_at_target)
-    # rather than at the c its solve landed on; False: the earlier recipe
-    selection_at_target: bool = True
     # matching the target
     rescale_windows: int | None = None
     rescale_tolerance: float = 0.005
@@ -270,10 +262,6 @@ class FTP(Method):
         if isinstance(self.train_min_seq_len, bool) or not 0 <= int(self.train_min_seq_len) <= self.train_seq_len:
             raise MethodConfigError(f"ftp: train_min_seq_len must be in [1, train_seq_len={self.train_seq_len}], "
                                     f"or 0 for full-length windows, got {self.train_min_seq_len!r}")
-        if isinstance(self.selection_windows, bool) or not (
-                self.selection_windows == 0 or self.selection_windows >= self.fitness_windows):
-            raise MethodConfigError(f"ftp: selection_windows must be 0 (the fitness windows alone) or at least "
-                                    f"fitness_windows={self.fitness_windows}, got {self.selection_windows!r}")
         if not 0.0 < self.selection_tolerance <= 0.02:
             raise MethodConfigError("ftp: selection_tolerance must be in (0, 0.02], e.g. 0.002")
         if not 0.0 < self.rescale_tolerance <= 0.02:
@@ -388,22 +376,15 @@ class FTP(Method):
         """Split the calibration windows: the last `holdout_windows` rows are held out (the first `fitness_windows`
         score the GA at `fitness_seq_len` tokens and model selection at `selection_seq_len`; the next
         `rescale_windows` match the target and carry the held-out report); the rest, in an order drawn from `rng`,
-        cut to `train_seq_len`, train the router, but for the last `selection_windows` - `fitness_windows` of that
-        order, which model selection scores after the fitness windows."""
+        cut to `train_seq_len`, train the router."""
         train_set, holdout = calibration.split(self.holdout_windows)
         fitness = holdout.input_ids[: self.fitness_windows]
         order = list(range(len(train_set.input_ids)))
         rng.shuffle(order)
-        extra = max(0, self.selection_windows - self.fitness_windows)
-        used = max(self.train_sequences, self.warm_start_sequences) if self.router == "learned" else 0
-        if used + extra > len(order):
-            raise MethodConfigError(f"ftp: {used} training + {extra} selection windows need more than the "
-                                    f"{len(order)} calibration windows left after the held-out ones; raise n_samples")
-        selection = torch.cat([fitness, train_set.input_ids[order[len(order) - extra:]]]) if extra else fitness
         return CalibrationWindows(
-            train=train_set.input_ids[order[: len(order) - extra]][:, : self.train_seq_len],
+            train=train_set.input_ids[order][:, : self.train_seq_len],
             fitness=fitness[:, : self.fitness_seq_len].to(device),
-            selection=selection[:, : self.selection_seq_len or self.fitness_seq_len].to(device),
+            selection=fitness[:, : self.selection_seq_len or self.fitness_seq_len].to(device),
             rescale=holdout.input_ids[self.fitness_windows: self.fitness_windows + self.rescale_windows].to(device))
 
     def fit_router(self, model, ctl: RoutingController, schedule, windows: CalibrationWindows,
@@ -419,10 +400,8 @@ class FTP(Method):
             iterations = SELECTION_ITERATIONS if self.selection_tolerance >= 0.01 else 2 * SELECTION_ITERATIONS
             fit = solve_scale(model, ctl, schedule, selection_ids, self.sparsity, self.selection_tolerance,
                               iterations, self.max_block_sparsity, with_loss=True)
-            loss = (loss_at_target(model, ctl, schedule, selection_ids, self.sparsity, fit, self.max_block_sparsity)
-                    if self.selection_at_target else fit.measured["lm_loss"])
             ctl.policy = self.policy(schedule)
-            return {"loss": loss, "solved_loss": fit.measured["lm_loss"], "scale": fit.scale,
+            return {"loss": fit.measured["lm_loss"], "scale": fit.scale,
                     "compute_sparsity": fit.measured["compute_sparsity"],
                     "first_token_computed_fraction": fit.measured["first_token_computed_fraction"]}
 
