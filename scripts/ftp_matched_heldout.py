@@ -3,13 +3,15 @@ router's measured c to within `--tolerance` (the committed artifacts matched it 
 one unit of c is worth ~9-12 nats of LM loss, so that band alone can move the difference by ~±0.02 nats).
 Read-only: it evaluates committed artifacts and trains nothing.
 
-    python scripts/ftp_matched_heldout.py [ARTIFACT_DIR ...] [--tolerance 0.0003]
+    python scripts/ftp_matched_heldout.py [ARTIFACT_DIR ...] [--tolerance 0.0003] [--at-c 0.25]
 
 Default: the default model's three committed `ftp` seeds of the current recipe. Prints, per artifact, the learned
 router's c and LM loss at its inference scale on the 12 held-out rescale windows, the static router's at the matched
 c, their difference, the same with the learned router's first token forced computed (how much of the difference the
 attention sink explains), the local slope of the static router's loss in c, and a paired 95% interval of learned −
-static over the 12 windows (t with 11 degrees of freedom: the windows are the unit that varies)."""
+static over the 12 windows (t with 11 degrees of freedom: the windows are the unit that varies). With `--at-c C` the
+learned router's schedule scale is solved to put its own c within `--tolerance` of C instead, so that variants
+(GA vs uniform schedule, inputs left out) compare at one c."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ class FirstTokenForced(RoutingController):
         return compute | first_valid_token(self.state.valid)
 
 
-def compare(model, tokenizer, directory: Path, tolerance: float) -> dict:
+def compare(model, tokenizer, directory: Path, tolerance: float, at_c: float | None = None) -> dict:
     loaded = load(directory, tokenizer, next(model.parameters()).device)
     artifact, method, windows = loaded.artifact, loaded.method, loaded.windows.rescale
     schedule, scale, top = artifact["schedule"], artifact["schedule_scale"], method.max_block_sparsity
@@ -61,6 +63,9 @@ def compare(model, tokenizer, directory: Path, tolerance: float) -> dict:
                              ("first_forced", FirstTokenForced(model.config, method.policy(schedule), router,
                                                                seed=method.seed))):
         with routed_model(model, controller):
+            if at_c is not None and name == "learned":
+                scale = solve_scale(model, controller, schedule, windows, at_c, tolerance, 30, top).scale
+                row["scale"] = scale
             controller.with_schedule(scaled_schedule(schedule, scale, top))
             measured = measure_routing(model, controller, windows, with_loss=True)
             if name == "learned":
@@ -91,12 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifacts", nargs="*", type=Path)
     parser.add_argument("--tolerance", type=float, default=0.0003)
+    parser.add_argument("--at-c", type=float, default=None,
+                        help="solve the learned router to this c (default: the artifact's inference scale)")
     args = parser.parse_args()
     directories = args.artifacts or committed_seeds()
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()
     for directory in directories:
-        row = compare(model, tokenizer, directory, args.tolerance)
+        row = compare(model, tokenizer, directory, args.tolerance, args.at_c)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 

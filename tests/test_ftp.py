@@ -642,7 +642,8 @@ def test_logit_bce_keeps_the_gradient_of_a_saturated_wrong_prediction():
 def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
     """Every committed FTP artifact's key is what its fields give today, a field added after it was made taking its
     legacy value (no field leaks into the key); the current recipe's fields are in the default key; and
-    configs/ftp_recipe_v4.toml reaches the artifacts made before the recipe changed."""
+    configs/ftp_recipe_v4.toml reaches the artifacts made before the recipe changed, the defaults those made after
+    (the seed-0 ablations included)."""
     import json
     from pathlib import Path
 
@@ -663,11 +664,13 @@ def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
     assert "guide_like_warm_start" not in current
     v4 = load_study("configs/ftp_recipe_v4.toml")["method_fields"]
     for name in ("ftp", "ftp-uniform", "ftp-nopos", "ftp-nosparsity"):
-        method = make_method(name, sparsity=0.25, **overrides_for(name, v4))
-        assert not {"warm_start_logit_bce", "selection_tolerance", "train_min_seq_len"} & set(
-            method.calibration_config()), name
-        key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=0))
-        assert (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir(), name
+        for fields in (v4, {}):  # v4's artifact through the overlay, the current recipe's with no options
+            method = make_method(name, sparsity=0.25, **overrides_for(name, fields))
+            if fields:
+                assert not {"warm_start_logit_bce", "selection_tolerance", "train_min_seq_len"} & set(
+                    method.calibration_config()), name
+            key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=0))
+            assert (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir(), (name, fields)
 
 
 def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row():
