@@ -4,6 +4,7 @@ scripts/NAME.py`)."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,3 +54,15 @@ def load(directory: Path, tokenizer, device="cpu", **overrides) -> Loaded:
     torch.manual_seed(method.seed)  # router init, as calibrate seeds it
     rng = random.Random(method.seed)
     return Loaded(directory, artifact, method, calibration, method.calibration_windows(calibration, rng, device), rng)
+
+
+def field_overrides(fields: list[str]) -> dict[str, Any]:
+    """`field=value` command-line overrides of FTP fields, values read as JSON where they parse (else strings)."""
+    out: dict[str, Any] = {}
+    for text in fields:
+        key, value = text.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -21,14 +21,7 @@ from bench.models import load_model
 from methods.ftp.block import routed_model
 from methods.ftp.measure import solve_scale
 from methods.ftp.router import TokenRouter
-from scripts.ftp_artifacts import load
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+from scripts.ftp_artifacts import field_overrides, load
 
 
 def main() -> None:
@@ -39,7 +32,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the trained router's state_dict here (torch.save)")
     parser.add_argument("fields", nargs="*", help="FTP field=value overrides (JSON values)")
     args = parser.parse_intermixed_args()
-    overrides = {k: _value(v) for k, v in (f.split("=", 1) for f in args.fields)}
+    overrides = field_overrides(args.fields)
     overrides.update({k: v for k, v in (("seed", args.seed), ("sparsity", args.sparsity)) if v is not None})
     model, tokenizer = load_model()
     loaded = load(args.artifact, tokenizer, **overrides)
