@@ -18,13 +18,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.models import load_model
 from methods.ftp.block import routed_model
 from methods.ftp.measure import solve_scale
 from scripts.ftp_artifacts import committed_seeds, field_overrides, load
-from scripts.ftp_matched_heldout import paired_interval
+from scripts.ftp_matched_heldout import paired_interval, position_losses
 
 MAX_ROWS = 48
 
@@ -34,14 +33,6 @@ def rows_of_length(windows: torch.Tensor, length: int, limit: int = MAX_ROWS) ->
     `limit` of them."""
     usable = (windows.shape[1] // length) * length
     return windows[:, :usable].reshape(-1, length)[:limit]
-
-
-def position_losses(model, rows: torch.Tensor) -> torch.Tensor:
-    """[rows, N - 1] next-token cross-entropy at every position of each row, routed one row at a time (as the
-    evaluator routes); a row's mean is its LM loss."""
-    with torch.inference_mode():
-        return torch.stack([F.cross_entropy(model(input_ids=row[None], use_cache=False).logits[0, :-1].float(),
-                                            row[1:], reduction="none") for row in rows]).double()
 
 
 def compare_at_lengths(model, method, schedule, router, windows: torch.Tensor, lengths, target: float,
@@ -55,11 +46,11 @@ def compare_at_lengths(model, method, schedule, router, windows: torch.Tensor, l
             losses = {}
             for kind in ("learned", "static"):
                 ctl.policy = method.policy(schedule, kind=kind)
-                fit = solve_scale(model, ctl, schedule, rows, target, tolerance, 30, method.max_block_sparsity,
-                                  with_loss=True)
+                # the solver leaves the router at its best scale; the losses are read there once
+                fit = solve_scale(model, ctl, schedule, rows, target, tolerance, 30, method.max_block_sparsity)
                 losses[kind] = position_losses(model, rows)
                 row[kind] = {"scale": fit.scale, "c": fit.measured["compute_sparsity"],
-                             "lm_loss": fit.measured["lm_loss"],
+                             "lm_loss": float(losses[kind].mean()),
                              "first_token_computed": fit.measured["first_token_computed_fraction"]}
             excess = losses["learned"] - losses["static"]  # [rows, N - 1]
             mean, half = paired_interval(excess.mean(1))

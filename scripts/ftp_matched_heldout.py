@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bench.models import load_model
 from methods.ftp.block import RoutingController, routed_model
@@ -31,10 +32,12 @@ from scripts.ftp_artifacts import committed_seeds, load
 T_975_DF11 = 2.201  # two-sided 95% quantile of Student's t with 11 degrees of freedom (12 windows)
 
 
-def window_losses(model, controller: RoutingController, windows: torch.Tensor) -> torch.Tensor:
-    """[n] LM loss of each window at the controller's current schedule (equal lengths: their mean is the total's)."""
-    return torch.tensor([measure_routing(model, controller, windows[i:i + 1], with_loss=True)["lm_loss"]
-                         for i in range(len(windows))], dtype=torch.float64)
+def position_losses(model, rows: torch.Tensor) -> torch.Tensor:
+    """[rows, N - 1] next-token cross-entropy at every position of each row, routed one row at a time (as the
+    evaluator routes); a row's mean is its LM loss."""
+    with torch.inference_mode():
+        return torch.stack([F.cross_entropy(model(input_ids=row[None], use_cache=False).logits[0, :-1].float(),
+                                            row[1:], reduction="none") for row in rows]).double()
 
 
 def paired_interval(differences: torch.Tensor) -> tuple[float, float]:
@@ -69,7 +72,7 @@ def compare(model, tokenizer, directory: Path, tolerance: float, at_c: float | N
             controller.with_schedule(scaled_schedule(schedule, scale, top))
             measured = measure_routing(model, controller, windows, with_loss=True)
             if name == "learned":
-                learned_windows = window_losses(model, controller, windows)
+                learned_windows = position_losses(model, windows).mean(1)
         row[f"{name}_c"], row[f"{name}_loss"] = measured["compute_sparsity"], measured["lm_loss"]
     static = RoutingController(model.config, method.policy(schedule, kind="static"), None)
     with routed_model(model, static):
@@ -81,7 +84,7 @@ def compare(model, tokenizer, directory: Path, tolerance: float, at_c: float | N
                                                                              fit.measured["lm_loss"])
             row[f"{name}_minus_static"] = row[f"{name}_loss"] - fit.measured["lm_loss"]
             if name == "learned":  # the solver left the static router at the matched scale
-                mean, half = paired_interval(learned_windows - window_losses(model, static, windows))
+                mean, half = paired_interval(learned_windows - position_losses(model, windows).mean(1))
                 row["paired_mean"], row["paired_ci95_half_width"] = mean, half
         near = [(t["compute_sparsity"], t["lm_loss"]) for t in fits["learned"].history
                 if abs(t["compute_sparsity"] - row["learned_c"]) < 0.03]
