@@ -641,9 +641,9 @@ def test_logit_bce_keeps_the_gradient_of_a_saturated_wrong_prediction():
 
 def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
     """Every committed FTP artifact's key is what its fields give today, a field added after it was made taking its
-    legacy value (no field leaks into the key); the current recipe's fields are in the default key; and
-    configs/ftp_recipe_v4.toml reaches the artifacts made before the recipe changed, the defaults those made after
-    (the seed-0 ablations included)."""
+    legacy value (no field leaks into the key); the current recipe's fields are in the default key; and each recipe
+    reaches its artifacts: configs/ftp_recipe_v4.toml those made before 2026-11-27 (all four variants),
+    configs/ftp_recipe_v5.toml those made before 2026-11-28 (all four), the defaults the current three seeds of ftp."""
     import json
     from pathlib import Path
 
@@ -652,25 +652,35 @@ def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
     from methods.ftp.method import LEGACY_KEY_VALUES
 
     committed = sorted(Path("methods/artifacts").glob("ftp-*/artifact.json"))
-    assert len(committed) >= 12
+    assert len(committed) >= 15
     for path in committed:
         fields = json.loads(path.read_text())["key"]["fields"]
         assert make_method("ftp", **{**LEGACY_KEY_VALUES, **fields}).calibration_config() == fields, path.parent.name
     current = make_method("ftp", sparsity=0.25).calibration_config()
     assert {k: current[k] for k in ("warm_start_logit_bce", "selection_tolerance", "train_min_seq_len",
                                     "train_seq_len", "learning_rate", "select_every")} == {
-        "warm_start_logit_bce": True, "selection_tolerance": 0.002, "train_min_seq_len": 64, "train_seq_len": 512,
+        "warm_start_logit_bce": True, "selection_tolerance": 0.002, "train_min_seq_len": 16, "train_seq_len": 512,
         "learning_rate": 3e-4, "select_every": 20}
     assert "guide_like_warm_start" not in current
+
+    def committed_for(name, fields, seed=0):
+        method = make_method(name, sparsity=0.25, seed=seed, **overrides_for(name, fields))
+        key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=seed))
+        return method, (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir()
+
     v4 = load_study("configs/ftp_recipe_v4.toml")["method_fields"]
+    v5 = load_study("configs/ftp_recipe_v5.toml")["method_fields"]
+    assert v5 == {"ftp": {"train_min_seq_len": 64}}
     for name in ("ftp", "ftp-uniform", "ftp-nopos", "ftp-nosparsity"):
-        for fields in (v4, {}):  # v4's artifact through the overlay, the current recipe's with no options
-            method = make_method(name, sparsity=0.25, **overrides_for(name, fields))
-            if fields:
+        for fields in (v4, v5):
+            method, found = committed_for(name, fields)
+            assert found, (name, fields)
+            if fields is v4:
                 assert not {"warm_start_logit_bce", "selection_tolerance", "train_min_seq_len"} & set(
                     method.calibration_config()), name
-            key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=0))
-            assert (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir(), (name, fields)
+    for seed in (0, 1, 2):  # the current recipe's three seeds, with no options
+        assert committed_for("ftp", {}, seed)[1], seed
+        assert committed_for("ftp", v5, seed)[1], seed
 
 
 def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row():

@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "learning_rate": 1e-3, "fitness_windows": 8, "fitness_seq_len": 512, "rescale_windows": 16},
     "cpu": {"elites": 4, "holdout_windows": 16, "population": 16, "generations": 10, "finetune_generations": 3,
             "warm_start_sequences": 64, "warm_start_steps": 3000, "train_sequences": 240, "train_seq_len": 512,
-            "train_min_seq_len": 64, "select_every": 20, "selection_seq_len": 512,
+            "train_min_seq_len": 16, "select_every": 20, "selection_seq_len": 512,
             "learning_rate": 3e-4, "fitness_windows": 4, "fitness_seq_len": 256, "rescale_windows": 12},
     # models under 20M decoder parameters (bench.budgets): a user's small model calibrates in seconds, not minutes.
     # "small" and "test" keep full-length training windows: on a tiny random model (12 layers, hidden 64),
