@@ -59,9 +59,15 @@ def test_ray_executor_matches_local_calibrates_once_and_resumes(model_dir, ray_c
     assert len(cells) == len(set(cells)) == 3 * 4 and sorted(on_ray.cells_written) == sorted(cells)
     assert all(Store(study.results).is_complete(c) for c in cells)
 
+    from methods.shortgpt import ShortGPT
+
+    calibrations = []
+    calibrate = ShortGPT.calibrate
+    monkeypatch.setattr(ShortGPT, "calibrate", lambda self, *a, **k: calibrations.append(1) or calibrate(self, *a, **k))
     local = Runner(dataclasses.replace(study, results=str(tmp_path / "local")))
     assert sorted(local.run()) == sorted(cells)  # the same cell identities
-    assert local.cells_written and all(not s.startswith("calibrate") or v < 60 for s, v in local.clock.seconds.items())
+    # the wall-clock check that stood here (< 60 s) could not tell a reuse from a recalibration: count them
+    assert local.cells_written and len(calibrations) <= len(keys)  # each artifact calibrated at most once here
     assert _values(study.results) == _values(local.config.results)
 
     again = Runner(dataclasses.replace(study, executor="ray"))
