@@ -176,11 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="store for the gate's cells (default: a cache directory)")
     p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline and print the diff")
 
-    p = sub.add_parser("perf", help="scoring speed: vs a plain forward loop and vs stock HFLM, side by side")
+    p = sub.add_parser("perf", help="scoring speed: vs a plain forward loop and vs stock HFLM, side by side; "
+                       "with --methods, each method's seconds per executed FLOP vs dense")
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--methods", type=_names, default=None,
+                   help="comma-separated or 'all': time per item, executed FLOPs and seconds per FLOP vs dense on "
+                        f"the default study's tasks ({','.join(DEFAULT_TASKS)}), target ≤ 1.5x")
     p.add_argument("--tasks", type=_names, default=None, help="comma-separated (default piqa,arc_easy,"
-                   "hellaswag,winogrande,boolq)")
-    p.add_argument("--limit", type=_positive, default=40, help="items per task (default 40)")
+                   "hellaswag,winogrande,boolq; with --methods the default study's tasks)")
+    p.add_argument("--limit", type=_positive, default=None, help="items per task (default 40; 20 with --methods)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (with --methods)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (with --methods)")
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--threads", type=_positive, default=2)
     p.add_argument("--no-progress", action="store_true")
@@ -375,9 +381,19 @@ def cmd_list(args) -> int:
 
 
 def cmd_perf(args) -> int:
+    if args.methods:
+        from bench.method_perf import run_method_perf
+        from methods import available_methods, variant_defaults
+
+        names = available_methods() if args.methods == ["all"] else args.methods
+        for name in names:
+            variant_defaults(name)  # an unknown name: one clear error before any model loads
+        return run_method_perf(args.model, names, args.tasks or list(DEFAULT_TASKS), args.limit or 20,
+                               args.batch_size, args.threads, args.device, args.dtype, progress=not args.no_progress)
     from bench.perf import run_perf
 
-    return run_perf(args.model, args.tasks, args.limit, args.batch_size, args.threads, progress=not args.no_progress)
+    return run_perf(args.model, args.tasks, args.limit or 40, args.batch_size, args.threads,
+                    progress=not args.no_progress)
 
 
 def cmd_gate(args) -> int:

@@ -10,9 +10,12 @@ Two paths, chosen per method (`BenchLM.path`):
   position sees the very tokens it sees under stock scoring, hence the same log-probabilities (to float
   rounding). It needs no KV cache, so a method that removes a whole attention block (BlockPruner) is safe.
 - "per-request" (methods with `sequence_dependent = True`: FTP, SDTP; and attention kernels that take no custom
-  mask). One unpadded row per request, as stock lm-eval builds it, with no mask (plain causal attention). Rows are
-  batched only with rows of the same length and the same scored span, so a token method never sees padding, every
-  row of a batch protects the same positions, and a row's decisions (and FLOPs) are those it gets alone.
+  mask). One row per request, as stock lm-eval builds it, right-padded to its batch's longest row. A token method
+  is given the 2-D padding mask and makes every decision per row over that row's own tokens (its budgets, top-k,
+  protected positions, router features), so a row keeps, computes and scores what it does alone; its FLOPs are
+  counted per row (`bench.flops.RowFlops`). Tests check alone = batched on mixed lengths for every such method.
+  (Not packed as segments of one row like the shared-prefix path: attention over a packed row costs and is
+  counted as the square of the packed length, so a request's FLOPs would depend on what it is packed with.)
 
 Both paths sort by length (little padding), run under `torch.inference_mode`, compute logits only at scored
 positions, and tell the method which positions are scored (`methods.base.scoring`). The harness plans a task's
@@ -37,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from bench.flops import counted_forward  # noqa: E402
+from bench.flops import RowFlops  # noqa: E402
 from bench.tasks import quiet_expected_lm_eval_messages  # noqa: E402
 from methods.base import scoring  # noqa: E402
 from methods.token_subsets import smallest_window  # noqa: E402
@@ -160,11 +163,13 @@ class BenchLM(HFLM):
     """HFLM over an in-memory (possibly pruned) model.
 
     sequence_dependent: the method's decisions depend on the whole sequence (token routing): score each request
-        as its own unpadded row (the per-request path), never packed with other choices, and batched only with
-        rows of the same length and the same scored span (so a token method's protected set is the same in
-        every row and no row is padded).
+        as its own row (the per-request path), never packed with other choices; a padded batch carries its 2-D
+        padding mask so the method decides per row on the row's own tokens.
     dense_flops: (batch, width) -> the dense model's decoder FLOPs on such a batch. When given, every forward is
-        run under FlopCounterMode and `engine.flops` tallies executed vs dense FLOPs on exactly what was scored.
+        counted (`bench.flops.RowFlops`) and `engine.flops` tallies executed vs dense FLOPs on exactly what
+        was scored.
+    method_flops: the method's own running count of executed FLOPs (`Method.executed_flops`), used on padded
+        batches so each row is counted as it costs alone.
     on_workload: called with the task's list of `Forward`s before any runs (the harness solves an input-dependent
         method's knob on them; it may run the model on them, it must not change them).
     plan_only: record the forwards in `workload` and return placeholder scores without running the model (the
@@ -173,6 +178,7 @@ class BenchLM(HFLM):
     def __init__(self, model, tokenizer, batch_size: int = 16, sequence_dependent: bool = False,
                  progress: bool = True, max_batch_tokens: int = 4096,
                  dense_flops: Callable[[int, int], int] | None = None,
+                 method_flops: Callable[[], int | None] | None = None,
                  on_workload: Callable[[list[Forward]], None] | None = None, plan_only: bool = False):
         with quiet_expected_lm_eval_messages():
             super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -180,6 +186,7 @@ class BenchLM(HFLM):
         self.progress = progress
         self.max_batch_tokens = max_batch_tokens
         self.dense_flops = dense_flops
+        self._flops = None if dense_flops is None else RowFlops(dense_flops, method_flops)
         self.on_workload = on_workload
         self.plan_only = plan_only
         self.workload: list[Forward] = []
@@ -202,18 +209,17 @@ class BenchLM(HFLM):
         inp = whole[:-1]
         return ScoredInput(input_ids=inp, scored_from=len(inp) - len(continuation_enc))
 
-    def _batches(self, lengths: list[int], keys: list[object] | None = None) -> list[list[int]]:
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
         """Longest first (worst-case memory shows at once); a batch holds at most `batch_size` rows and
         `max_batch_tokens` padded tokens, and no row shorter than `MIN_FILL` of its longest (on CPU the cost is
-        linear in padded tokens, so a smaller batch is cheaper than padding); with `keys`, only rows of one key."""
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], str(keys[i]) if keys else ""))
+        linear in padded tokens, so a smaller batch is cheaper than padding)."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         batches: list[list[int]] = []
         for idx in order:
             width = lengths[batches[-1][0]] if batches else 0
             if batches and len(batches[-1]) < self.batch_size \
                     and (len(batches[-1]) + 1) * width <= self.max_batch_tokens \
-                    and lengths[idx] >= MIN_FILL * width \
-                    and (keys is None or keys[batches[-1][0]] == keys[idx]):
+                    and lengths[idx] >= MIN_FILL * width:
                 batches[-1].append(idx)
             else:
                 batches.append([idx])
@@ -237,9 +243,8 @@ class BenchLM(HFLM):
             plan = [self._packed_forward([rows[b] for b in batch], targets)
                     for batch in self._batches([len(r.tokens) for r in rows])]
         else:
-            keys = [(len(it.input_ids), it.scored_from) for it in items] if self.sequence_dependent else None
             plan = [self._row_forward(batch, items, targets)
-                    for batch in self._batches([len(it.input_ids) for it in items], keys)]
+                    for batch in self._batches([len(it.input_ids) for it in items])]
         forwards = [forward for forward, _, _ in plan]
         self.workload.extend(forwards)
         if self.plan_only:
@@ -271,10 +276,10 @@ class BenchLM(HFLM):
             if self.dense_flops is None:
                 logits = self.model(**call).logits
             else:
-                out, executed = counted_forward(self.model, **call)
+                out, executed, dense = self._flops.forward(self.model, **call)
                 logits = out.logits
                 self.engine.flops.executed += executed
-                self.engine.flops.dense += self.dense_flops(*forward.shape)
+                self.engine.flops.dense += dense
         self.engine.forwards += 1
         self.engine.padded_tokens += forward.input_ids.numel()
         return F.log_softmax(logits.float(), dim=-1).cpu()
@@ -332,5 +337,10 @@ class BenchLM(HFLM):
                 lo, end = items[i].scored_from, len(items[i].input_ids)
                 results[i] = self._read(logprobs[row], torch.arange(lo - first, end - first), targets[i])
 
-        # right padding needs no mask under causal attention (as in stock HFLM)
-        return Forward(ids, scored, torch.arange(first, width)), read, list(batch)
+        # right padding needs no mask under causal attention (as in stock HFLM); a token method is told which
+        # tokens are padding, so that its per-row decisions leave them out
+        lengths = torch.tensor([len(items[i].input_ids) for i in batch])
+        kwargs = {}
+        if self.sequence_dependent and bool((lengths < width).any()):
+            kwargs["attention_mask"] = (torch.arange(width)[None] < lengths[:, None]).long()
+        return Forward(ids, scored, torch.arange(first, width), kwargs), read, list(batch)

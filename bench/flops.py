@@ -3,6 +3,7 @@ checked against (methods.md §5). Compute sparsity c = 1 - F_exec / F_dense on t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,44 @@ def counted_forward(model, **call):
         out = model(**call)
     total, lm_head = _split(counter)
     return out, total - lm_head
+
+
+def padded_lengths(call: dict) -> list[int] | None:
+    """Each row's length when a forward's rows are right-padded (a 2-D attention mask with zeros), else None."""
+    mask = call.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+        return None
+    return [int(n) for n in mask.sum(-1).tolist()]
+
+
+class RowFlops:
+    """Executed and dense decoder FLOPs of each forward, every row counted as it costs alone.
+
+    Unpadded forwards, and methods without their own account (`method_flops` None or returning None):
+    FlopCounterMode on the forward, against the dense model's count on the same [batch, width]. Right-padded rows
+    of a sequence-dependent method: its own per-row account (`Method.executed_flops`, which tests check equals
+    FlopCounterMode on unpadded rows), against the dense model's on each row's own length, so a batch's padding
+    counts on neither side."""
+
+    def __init__(self, dense_flops: Callable[[int, int], int],
+                 method_flops: Callable[[], int | None] | None = None) -> None:
+        self.dense_flops = dense_flops
+        self.method_flops = method_flops
+
+    def forward(self, model, **call) -> tuple[object, int, int]:
+        """(the model's output, executed, dense) of one forward."""
+        lengths = padded_lengths(call)
+        batch, width = (int(n) for n in call["input_ids"].shape)
+        dense = self.dense_flops(batch, width) if lengths is None else sum(self.dense_flops(1, n) for n in lengths)
+        before = None if self.method_flops is None else self.method_flops()
+        if before is None:
+            out, executed = counted_forward(model, **call)
+            return out, executed, dense
+        if lengths is None:
+            out, executed = counted_forward(model, **call)
+            return out, executed, dense
+        out = model(**call)
+        return out, self.method_flops() - before, dense
 
 
 def count_flops(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> FlopReport:

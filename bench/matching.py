@@ -15,6 +15,7 @@ that cannot be reached on a unit's inputs (SDTP's protected tokens covering most
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.defaults import MATCH_TOLERANCE
-from bench.flops import counted_forward
+from bench.flops import RowFlops, padded_lengths
 from methods.base import Method, scoring
 
 SOLVE_TOLERANCE = 0.005  # what the knob solve aims for (inside the matching band: the scored c may differ slightly)
@@ -61,34 +62,40 @@ class MatchResult:
     solved_sparsity: float | None = None  # c at the chosen knob on the workload (None: not solved by measurement)
     steps: int = 0
     reason: str = ""  # why a target could not be reached (empty when it could)
+    seconds: float | None = None  # what the solve cost (None: no knob solved)
 
 
 def is_matched(measured: float | None, target: float) -> bool:
     return measured is not None and abs(measured - target) <= MATCH_TOLERANCE + 1e-12
 
 
-def workload_sparsity(model, workload: Workload, dense_flops: Callable[[int, int], int]) -> float:
-    """c of the (pruned) model over every forward of the workload, counted with FlopCounterMode."""
+def workload_sparsity(model, workload: Workload, dense_flops: Callable[[int, int], int],
+                      method: Method | None = None) -> float:
+    """c of the (pruned) model over every forward of the workload, counted as the engine counts it
+    (`bench.flops.RowFlops`)."""
     executed = dense = 0
     device = next(model.parameters()).device
+    counter = RowFlops(dense_flops, None if method is None else method.executed_flops)
     with torch.inference_mode():
         for ids, scored, kwargs in workload.forwards:
             call = {k: v.to(device) for k, v in kwargs.items()}
             with scoring(scored.to(device)) if scored is not None else nullcontext():
-                _, flops = counted_forward(model, input_ids=ids.to(device), use_cache=False, logits_to_keep=1,
-                                           **call)
+                _, flops, dense_part = counter.forward(model, input_ids=ids.to(device), use_cache=False,
+                                                       logits_to_keep=1, **call)
             executed += flops
-            dense += dense_flops(int(ids.shape[0]), int(ids.shape[1]))
+            dense += dense_part
     return 1.0 - executed / dense
 
 
 def analytic_sparsity(method: Method, config, workload: Workload, dense_flops: Callable[[int, int], int]) -> float:
-    """c from `Method.row_flops` (methods whose FLOPs follow from each row's shape and scored span)."""
+    """c from `Method.row_flops` (methods whose FLOPs follow from each row's shape and scored span), each row at
+    its own length (a padded batch's rows as they are alone)."""
     executed = dense = 0
-    for ids, scored, _ in workload.forwards:
-        for row in range(ids.shape[0]):
-            executed += method.row_flops(config, int(ids.shape[1]), None if scored is None else scored[row].cpu())
-        dense += dense_flops(int(ids.shape[0]), int(ids.shape[1]))
+    for ids, scored, kwargs in workload.forwards:
+        lengths = padded_lengths(kwargs) or [int(ids.shape[1])] * int(ids.shape[0])
+        for row, n in enumerate(lengths):
+            executed += method.row_flops(config, n, None if scored is None else scored[row, :n].cpu())
+            dense += dense_flops(1, n)
     return 1.0 - executed / dense
 
 
@@ -105,6 +112,7 @@ def solve_knob(method: Method, model, workload: Workload, dense_flops: Callable[
     if knob is None:
         return result
     result.knob = knob.name
+    start_time = time.perf_counter()
     seen: dict[float, float] = {}
     first = workload.forwards[0]
     exact = method.row_flops(config, int(first[0].shape[1]), None if first[1] is None else first[1][0]) is not None
@@ -114,7 +122,7 @@ def solve_knob(method: Method, model, workload: Workload, dense_flops: Callable[
     def measure(value: float) -> float:
         method.set_knob(value)
         seen[value] = analytic_sparsity(method, config, sample, dense_flops) if exact \
-            else workload_sparsity(model, sample, dense_flops)
+            else workload_sparsity(model, sample, dense_flops, method)
         result.steps += 1
         return seen[value]
 
@@ -144,4 +152,5 @@ def solve_knob(method: Method, model, workload: Workload, dense_flops: Callable[
     best = min(seen, key=lambda v: (abs(seen[v] - target), v))
     method.set_knob(best)
     result.value, result.solved_sparsity = float(best), seen[best]
+    result.seconds = time.perf_counter() - start_time
     return result

@@ -125,6 +125,7 @@ def fig_pareto(summary: pd.DataFrame, path: Path) -> None:
     fig, axes = _panels(models, "Retention vs measured prefill speedup (ideal: 1/(1 − c))")
     for model, ax in axes.items():
         pruned = summary[(summary["model"] == model) & (summary["method"] != "dense")]
+        pruned = pruned[~pruned["prefill_unstable"].astype(bool)]  # an unstable probe gives no speedup to plot
         pruned = pruned.dropna(subset=["retention", "prefill_speedup"])
         for method, g in pruned.groupby("method"):
             y = g["retention"].to_numpy() * 100
@@ -179,7 +180,8 @@ def fig_flops_vs_speedup(summary: pd.DataFrame, path: Path) -> None:
     markers = dict(zip(sorted(summary["target"].unique()), "osD^vP*X", strict=False))
     fig, axes = _panels(models, "FLOPs reduction vs measured prefill speedup")
     for model, ax in axes.items():
-        g = summary[summary["model"] == model].dropna(subset=["flops_ratio", "prefill_speedup"])
+        g = summary[(summary["model"] == model) & ~summary["prefill_unstable"].astype(bool)]
+        g = g.dropna(subset=["flops_ratio", "prefill_speedup"])
         for r in g.itertuples(index=False):
             ax.scatter(1 / r.flops_ratio, r.prefill_speedup, color=colours[r.method], marker=markers[r.target],
                        label=_label(r.method, r.target), s=40)

@@ -43,8 +43,15 @@ SCHEMA: dict[str, str] = {
     "artifact": "string", "calibration": "string", "timestamp": "string",
     # the matching protocol (bench.matching): |measured − target| <= 0.02, the knob solved or fitted, and why not
     "matched": "boolean", "knob": "string", "knob_value": "float64", "unmatched_reason": "string",
+    "solve_s": "float64",  # seconds the knob solve took before the unit was scored (None: nothing to solve)
 }
 ROWS, IDENTITY, SAMPLES = "rows.parquet", "_cell.json", "_samples.jsonl.gz"
+# metrics that vary from run to run (wall-clock timings, and what is derived from them); every other value of a
+# cell must be reproduced exactly
+TIMING_METRICS = frozenset(
+    {"prefill_ms", "dense_prefill_ms", "decode_tokens_per_s", "peak_memory_mb", "unstable"}
+    | {f"{name}{end}" for name in ("prefill_speedup", "decode_speedup", "control_speedup")
+       for end in ("", "_lo", "_hi")})
 NON_TASK_UNITS = ("wikitext2", "efficiency", "determinism", "latency_sweep")  # units without per-item samples
 
 

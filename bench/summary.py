@@ -264,6 +264,8 @@ def summarize(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
             "ppl_ratio": wiki.get("ppl_ratio", np.nan),
             "flops_ratio": eff["decoder_flops"] / eff["dense_decoder_flops"] if "decoder_flops" in eff else np.nan,
             "prefill_speedup": eff.get("prefill_speedup", np.nan),
+            # the probe's dense-vs-dense control strayed (bench.units.efficiency): its speedup is not a number to read
+            "prefill_unstable": bool(eff.get("unstable", 0.0) > 0),
             "model": model, "device": device, "dtype": dtype,
         })
     frame = pd.DataFrame(out)
@@ -353,8 +355,11 @@ def format_summary(frame: pd.DataFrame) -> str:
         shown["seeds [retention min, max]"] = [
             f"{int(n)} [{a:.3f}, {b:.3f}]" if n > 1 else str(int(n))
             for n, a, b in zip(shown["seeds"], shown["seed_min"], shown["seed_max"], strict=True)]
+    shown["prefill speedup"] = ["unstable" if bad else "-" if not np.isfinite(v) else f"{v:.2f}"
+                                for v, bad in zip(shown["prefill_speedup"], shown["prefill_unstable"], strict=True)]
     cols = ["method", "target", "c tasks [min, max]", "matched", "c wiki", "c(probe)", "mean_acc",
-            "retention (95% CI)", *(["seeds [retention min, max]"] if with_seeds else []), "flips vs dense", "KL vs dense", "agree", "ppl", "ppl_ratio", "prefill_speedup"]
+            "retention (95% CI)", *(["seeds [retention min, max]"] if with_seeds else []), "flips vs dense",
+            "KL vs dense", "agree", "ppl", "ppl_ratio", "prefill speedup"]
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 

@@ -76,7 +76,8 @@ def paper_tables(rows: pd.DataFrame, summary: pd.DataFrame, pairwise: pd.DataFra
             record["retention %"] = retention + (BELOW_BEST if method in below else "")
             record["ppl ratio"] = _fixed(line["ppl_ratio"], "{:.2f}")
             record["c"] = _fixed(line["c(tasks)"], "{:.3f}")
-            record["prefill speedup"] = _fixed(line["prefill_speedup"], "{:.2f}×")
+            record["prefill speedup"] = "unstable" if line.get("prefill_unstable", False) \
+                else _fixed(line["prefill_speedup"], "{:.2f}×")
             out.append(record)
         tables.append(PaperTable(model, float(target), f"{device}, {dtype}", pd.DataFrame(out), best, tuple(below)))
     return tables

@@ -86,3 +86,22 @@ def test_scoring_engine(benchmark, record_ratio, default_model):
     result = benchmark.pedantic(measure, args=(model, tokenizer, ["piqa", "arc_easy"], 5),
                                 kwargs={"progress": False}, rounds=1, iterations=1)
     record_ratio(throughput_vs_forward=result.throughput_vs_forward, speedup_vs_hflm=result.speedup_vs_hflm)
+
+
+@pytest.mark.parametrize("name", ["sdtp", "ftp"])
+def test_method_scoring_speed(benchmark, record_ratio, default_model, name):
+    """`bench perf --methods`: a token method's seconds per executed FLOP vs dense's, on the same requests."""
+    from bench.defaults import DEFAULT_TASKS
+    from bench.method_perf import measure_methods
+    from bench.perf import build_requests
+
+    model, tokenizer = default_model
+    _, requests = build_requests(list(DEFAULT_TASKS), limit=5)
+    speeds = benchmark.pedantic(measure_methods, args=(model, tokenizer, "smollm2-135m", [name], requests),
+                                kwargs={"progress": False}, rounds=1, iterations=1)
+    dense, method, control = speeds
+    record_ratio(time_vs_dense=method.seconds / dense.seconds,
+                 flops_vs_dense=method.executed_flops / dense.executed_flops,
+                 seconds_per_flop_vs_dense=(method.seconds / method.executed_flops)
+                 / (dense.seconds / dense.executed_flops),
+                 dense_control=control.seconds / dense.seconds)

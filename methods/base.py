@@ -137,8 +137,8 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     # Calibration fields that do not change the artifact (e.g. one BlockPruner search serves every sparsity).
     calibration_ignores: ClassVar[tuple[str, ...]] = ()
-    # True when decisions depend on the whole sequence (token routing): the evaluator must not pad batches
-    # and must not share prefixes across sequences.
+    # True when decisions depend on the whole sequence (token routing): the evaluator must not share prefixes
+    # across sequences, and a padded batch carries its 2-D padding mask (decisions are per row, on its own tokens).
     sequence_dependent: ClassVar[bool] = False
     # The registry name (a variant's, e.g. "ftp-topk"), set by make_method; the class name otherwise.
     registry_name: ClassVar[str] = ""
@@ -209,6 +209,13 @@ class Method:
         """Executed decoder FLOPs of one unpadded row of `width` tokens (scored: [width] bool) at the current knob,
         where they follow from the row's shape alone (exact budgets); None where they depend on its content (an
         argmax router). The harness then solves the knob by arithmetic; tests check it equals FlopCounterMode."""
+        return None
+
+    def executed_flops(self) -> int | None:
+        """Decoder FLOPs executed since apply() (or the last reset) by the method's own per-row accounting, which
+        tests check equals FlopCounterMode on unpadded rows. Sequence-dependent methods report it so a batch of
+        right-padded rows is counted as its rows cost alone (the padding is the batch's work, not the method's,
+        and a row's decisions do not depend on it); None: count with FlopCounterMode."""
         return None
 
     def fit_lengths(self, config, shapes: list[tuple[int, int]]) -> dict[str, Any] | None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import sys
 
+from bench.store import TIMING_METRICS as TIMINGS
 from bench.store import Store
 
-TIMINGS = {"prefill_ms", "dense_prefill_ms", "prefill_speedup", "decode_tokens_per_s", "decode_speedup",
-           "peak_memory_mb"}
 KEY = ["model", "method", "target_sparsity", "calibration_seed", "task", "metric", "batch", "seq_len"]
 
 

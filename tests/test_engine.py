@@ -72,11 +72,17 @@ def test_engine_matches_stock_hflm(tiny_with_real_vocab, real_tokenizer, request
     assert lm.engine.requests == len(reqs)
     sequences = [lm._prepare(*lm._encode_pair(*r.args)).input_ids for r in reqs]
     if sequence_dependent:
-        # a token-routing method gets exactly the rows stock scoring builds: one request per row, unpadded, no
-        # custom mask, positions 0..n-1
-        assert lm.engine.computed_tokens == lm.engine.tokens == lm.engine.padded_tokens
-        assert {tuple(row.tolist()) for ids, _, _ in seen for row in ids} == {tuple(s) for s in sequences}
-        assert all(mask is None and pos is None for _, mask, pos in seen)
+        # a token-routing method gets the rows stock scoring builds: one request per row, right-padded, with the
+        # 2-D padding mask where a batch is padded (no custom mask), positions 0..n-1
+        assert lm.engine.computed_tokens == lm.engine.tokens <= lm.engine.padded_tokens
+        rows = set()
+        for ids, mask, pos in seen:
+            assert pos is None and (mask is None or mask.dim() == 2)
+            lengths = [ids.shape[1]] * ids.shape[0] if mask is None else mask.sum(-1).tolist()
+            assert mask is None or bool((mask == (torch.arange(ids.shape[1])[None] < mask.sum(-1, keepdim=True))).all())
+            rows |= {tuple(row[:n].tolist()) for row, n in zip(ids, lengths, strict=True)}
+        assert rows == {tuple(s) for s in sequences}
+        assert any(mask is not None for _, mask, _ in seen)  # rows of different lengths shared a batch
     else:  # each distinct prefix of a document's requests is computed once
         groups = [(r.task_name, r.doc_id) for r in reqs]
         prefixes = {(g, tuple(seq[:k + 1])) for g, seq in zip(groups, sequences, strict=True)

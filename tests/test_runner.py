@@ -136,10 +136,17 @@ def test_accuracy_cell_sparsity_is_counted_on_every_scored_forward(tmp_path, tin
     executed = dense = 0
     with method.apply(model) as pruned:
         for forward in lm.workload:
-            with scoring(forward.scored):
-                executed += count_flops(pruned, forward.input_ids, **({"attention_mask": forward.kwargs[
-                    "attention_mask"]} if forward.kwargs else {})).decoder
-            dense += analytic_decoder_flops(model.config, forward.shape[1], batch=forward.shape[0], num_layers=layers)
+            mask = forward.kwargs.get("attention_mask")
+            if mask is None or mask.dim() != 2:  # unpadded or a packed (4-D mask) row: the forward as it ran
+                with scoring(forward.scored):
+                    executed += count_flops(pruned, forward.input_ids, attention_mask=mask).decoder
+                dense += analytic_decoder_flops(model.config, forward.shape[1], batch=forward.shape[0],
+                                                num_layers=layers)
+                continue
+            for row, n in enumerate(mask.sum(-1).tolist()):  # right-padded rows: each counted as it costs alone
+                with scoring(forward.scored[row:row + 1, :n]):
+                    executed += count_flops(pruned, forward.input_ids[row:row + 1, :n]).decoder
+                dense += analytic_decoder_flops(model.config, n, batch=1, num_layers=layers)
     assert cell["value"] == pytest.approx(1 - executed / dense, abs=1e-12)
     assert cell["n"] == 6  # 3 items × 2 choices: every request counted
     acc = rows[(rows["method"] == name) & (rows["metric"] == "acc_norm")].iloc[0]

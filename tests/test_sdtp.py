@@ -301,12 +301,12 @@ def test_batch_rows_match_single_rows(model):
         torch.testing.assert_close(single[0][single_real[0]], logits[row][real[row]], rtol=1e-4, atol=1e-4)
 
 
-def test_padded_batches_and_bad_fields_raise(model):
+def test_left_padded_batches_and_bad_fields_raise(model):
     method = make_sdtp(model)
     ids = prompt(seq_len=20, batch=2)
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :5] = 0
-    with method.apply(model), pytest.raises(MethodConfigError, match="unpadded"):
+    with method.apply(model), pytest.raises(MethodConfigError, match="right-padded"):
         model(ids, attention_mask=attention_mask, use_cache=False)
     with pytest.raises(MethodConfigError, match="preset"):
         SDTP(preset="gpu")

@@ -31,7 +31,7 @@ def measure_accuracy(ctx: CellContext, method: Method, task: str, settings: dict
 
         lm = BenchLM(pruned, ctx.tokenizer, batch_size=ctx.batch_size,
                      sequence_dependent=method.sequence_dependent, progress=ctx.progress,
-                     dense_flops=ctx.dense_flops, on_workload=on_workload)
+                     dense_flops=ctx.dense_flops, method_flops=method.executed_flops, on_workload=on_workload)
         out = evaluate(lm=lm, task_dict=task_dict, limit=settings["limit"], log_samples=True,
                        bootstrap_iters=1000, verbosity="ERROR")
     tally = lm.engine.flops

@@ -81,7 +81,8 @@ class CellContext:
         reason = match.reason or (None if matched else f"c = {measured} is off the target {match.target:g} "
                                   "by more than 0.02 on the scored inputs")
         return {"measured_sparsity": measured, "matched": matched, "knob": match.knob,
-                "knob_value": match.value, "unmatched_reason": None if matched else reason}
+                "knob_value": match.value, "unmatched_reason": None if matched else reason,
+                "solve_s": match.seconds}
 
     def dense_perplexity(self, windows: torch.Tensor):
         """The dense model's per-prediction NLL on these windows (once per run), for ppl on the same positions."""

@@ -35,6 +35,7 @@ from methods.ftp.router import (
     random_compute_mask,
     router_features,
     static_compute_mask,
+    token_noise,
     topk_compute_mask,
 )
 from methods.token_subsets import KeyPositions, additive_mask, sliding_window, visible_keys
@@ -107,6 +108,7 @@ class ForwardState:
     the prefill, one insertion per step), so a step's router features cost O(log N), not a sort of N tokens."""
 
     valid: torch.Tensor  # [B, N] bool, False at padding
+    token_ids: torch.Tensor | None = None  # [B, N] the prefill's tokens (the random router's noise is keyed on them)
     phase: str = "prefill"
     table: torch.Tensor | None = None  # [B, N] float: the attention each token last received
     decisions: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward's, per block
@@ -155,7 +157,8 @@ class RoutingController:
         self.policy = policy
         self.router = router
         self.gumbel_tau = gumbel_tau
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # one-token decoding's random skips
         self.stats = RoutingStats.empty(self.num_layers)
         self.state: ForwardState | None = None
         self.simulation: Simulation | None = None
@@ -207,7 +210,9 @@ class RoutingController:
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
         if past == 0:
-            self.state = ForwardState(valid=valid)
+            tokens = input_ids if input_ids is not None else torch.zeros(batch, length, dtype=torch.long,
+                                                                          device=reference.device)
+            self.state = ForwardState(valid=valid, token_ids=tokens)
             if not self.is_dense and self.simulation is None:
                 self.stats.forwards += 1
             return
@@ -260,10 +265,10 @@ class RoutingController:
                 self.feature_log.append((features[valid].cpu(), compute[valid].cpu()))
             return compute
         if policy.kind == "random":
-            return random_compute_mask(valid, sparsity, self.generator)
+            return random_compute_mask(valid, sparsity, token_noise(self.seed, index, state.token_ids))
         features = router_features(valid, state.table, sparsity, policy.position, policy.use_sparsity)
         logits, p_compute = self._p_compute(features)
-        self.stats.router_flops += valid.numel() * self.router.flops_per_token
+        self.stats.router_flops += int(valid.sum()) * self.router.flops_per_token  # padding is not the method's
         if policy.log_features:  # the teacher's label in the state the learned router itself produced
             self.feature_log.append((features[valid].cpu(), static_compute_mask(valid, sparsity)[valid].cpu()))
         if policy.selection == "topk":
@@ -316,20 +321,23 @@ class RoutingController:
         2·B·H·n·m (FlopCounterMode counts its QKᵀ and AV with the block, as it counts SDPA's)."""
         self.stats.router_flops += 2 * batch * self.heads * queries * keys
 
+    def account_table_rows(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        """The same per row ([B] counts): a padded batch is charged what its rows cost alone."""
+        self.stats.router_flops += 2 * self.heads * int((queries * keys).sum())
+
     def account_prefill(self, index: int, compute: torch.Tensor) -> None:
         state = self.state
         state.decisions[index] = compute
         valid = state.valid
-        length = compute.shape[1]
         st = self.stats
         st.prefill_computed[index] += int((compute & valid).sum())
         st.prefill_tokens[index] += int(valid.sum())
         first = first_valid_token(valid)
         st.first_computed[index] += int((compute & first).sum())
         st.rows[index] += int(first.sum())
-        for n in compute.sum(-1).tolist():
-            st.executed_flops += self.coefficients.layer(int(n))
-        st.dense_flops += compute.shape[0] * self.coefficients.layer(length)
+        coefficients = self.coefficients
+        st.executed_flops += sum(coefficients.layer(int(n)) for n in (compute & valid).sum(-1).tolist())
+        st.dense_flops += sum(coefficients.layer(int(n)) for n in valid.sum(-1).tolist())
 
 
 class RoutedDecoderLayer(nn.Module):
@@ -383,12 +391,14 @@ class RoutedDecoderLayer(nn.Module):
         batch, length = valid.shape
         compute = valid if self.index == 0 else ctl.prefill_decision(self.index)
         if self.index == 0:
-            # Always fully computed (padding too, under the model's own mask), like the dense model.
+            # Always fully computed (padding too, under the model's own mask), like the dense model; a padded
+            # batch's rows are charged what they cost alone (padding is the engine's, not the method's, work).
             out, received = self._received(hidden, attention_mask, call, need, valid)
-            ctl.account_prefill(0, torch.ones_like(valid))
+            ctl.account_prefill(0, valid)
             if need:
                 ctl.state.table = received
-                ctl.account_table(batch, length, length)
+                lengths = valid.sum(-1)
+                ctl.account_table_rows(lengths, lengths)
             return out
         ctl.account_prefill(self.index, compute)
         if bool(compute.all()):
@@ -408,42 +418,66 @@ class RoutedDecoderLayer(nn.Module):
             raise MethodConfigError(
                 "ftp: rows of this batch compute different numbers of tokens, which a shared KV cache cannot hold; "
                 "use selection='topk' on unpadded rows or batch size 1 when caching")
-        out = hidden.clone()
-        for row in range(hidden.shape[0]):
-            index = compute[row].nonzero()[:, 0][None]
-            if index.numel():
-                out[row:row + 1] = self._gathered(hidden[row:row + 1], index, call, need, row=row)
-        return out
+        return self._gathered_ragged(hidden, compute, counts, call, need)
 
-    def _gathered(self, hidden: torch.Tensor, index: torch.Tensor, call: dict, need: bool,
-                  row: int | None = None) -> torch.Tensor:
+    def _gathered(self, hidden: torch.Tensor, index: torch.Tensor, call: dict, need: bool) -> torch.Tensor:
         """Run the block on hidden[:, index] (index [B, n], ascending) and scatter the outputs back."""
         ctl = self.controller
         batch, count = index.shape
-        rows = slice(None) if row is None else slice(row, row + 1)
-        cos, sin = (_rows(t, rows) for t in call["position_embeddings"])
-        sub_call = dict(call)
-        sub_call["position_embeddings"] = (_take(cos, index), _take(sin, index))
-        positions = _rows(_positions(call, hidden), rows).expand(batch, -1).gather(1, index)
-        sub_call["position_ids"] = positions
+        sub_call, positions = self._sub_call(call, hidden, index)
         out_sub, received = self._received(_take(hidden, index), self._subset_mask(positions, call, hidden.dtype),
                                            sub_call, need)
         out = hidden.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), out_sub)
         if need:
-            table = ctl.state.table
-            table[rows] = table[rows].scatter(1, index, received)
+            ctl.state.table = ctl.state.table.scatter(1, index, received)
             ctl.account_table(batch, count, count)
         return out
 
-    def _subset_mask(self, positions: torch.Tensor, call: dict, dtype: torch.dtype) -> torch.Tensor | None:
+    def _gathered_ragged(self, hidden: torch.Tensor, compute: torch.Tensor, counts: torch.Tensor, call: dict,
+                         need: bool) -> torch.Tensor:
+        """Rows computing different numbers of tokens, in one call: row b's computed tokens fill its first
+        counts[b] slots in order, the rest are padding slots after them (so under causal attention no computed token
+        sees one), which are no query for the attention table and write nothing back. Each row computes what it
+        computes alone."""
+        ctl = self.controller
+        batch, length = compute.shape
+        width = int(counts.max())
+        slot_valid = torch.arange(width, device=compute.device)[None] < counts[:, None]
+        # computed positions first, in order, then the others: the first `width` of that order are the slots
+        order = torch.where(compute, torch.arange(length, device=compute.device)[None], length).sort(dim=1).values
+        index = order[:, :width].clamp(max=length - 1)
+        sub_call, positions = self._sub_call(call, hidden, index)
+        mask = self._subset_mask(positions, call, hidden.dtype, slot_valid)
+        out_sub, received = self._received(_take(hidden, index), mask, sub_call, need, slot_valid)
+        trash = torch.where(slot_valid, index, length)  # padding slots scatter into one extra, dropped position
+        wide = torch.cat([hidden, hidden.new_zeros(batch, 1, hidden.shape[-1])], dim=1)
+        out = wide.scatter(1, trash[..., None].expand(-1, -1, hidden.shape[-1]), out_sub)[:, :length]
+        if need:
+            table = torch.cat([ctl.state.table, ctl.state.table.new_zeros(batch, 1)], dim=1)
+            ctl.state.table = table.scatter(1, trash, received)[:, :length]
+            ctl.account_table_rows(counts, counts)
+        return out
+
+    def _sub_call(self, call: dict, hidden: torch.Tensor, index: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The layer's call for the gathered rows: their RoPE tables and original positions."""
+        cos, sin = call["position_embeddings"]
+        sub_call = dict(call)
+        sub_call["position_embeddings"] = (_take(cos, index), _take(sin, index))
+        positions = _positions(call, hidden).expand(index.shape[0], -1).gather(1, index)
+        sub_call["position_ids"] = positions
+        return sub_call, positions
+
+    def _subset_mask(self, positions: torch.Tensor, call: dict, dtype: torch.dtype,
+                     slot_valid: torch.Tensor | None = None) -> torch.Tensor | None:
         """The attention mask of this block's computed tokens at their original `positions` [B, n], against what
-        its cache already holds plus themselves (methods.token_subsets): None where that is plain causal."""
+        its cache already holds plus themselves (methods.token_subsets): None where that is plain causal (padding
+        slots, placed after every computed token, are then seen by no computed token)."""
         window = sliding_window(self.layer)
         cache = call.get("past_key_values")
         keys = positions if cache is None else self.controller.state.key_positions.keys(cache, self.index, positions)
         if window is None and keys.shape[1] == positions.shape[1]:
             return None
-        return additive_mask(visible_keys(positions, keys, window), dtype)
+        return additive_mask(visible_keys(positions, keys, window, slot_valid), dtype)
 
     # -- inference: one-token decoding ----------------------------------------------------------------------
     def _decode(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, call: dict) -> torch.Tensor:
@@ -494,11 +528,6 @@ def _positions(call: dict, hidden: torch.Tensor) -> torch.Tensor:
     if positions is None:
         positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
     return positions
-
-
-def _rows(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
-    """The given rows of a per-row tensor; a batch-1 tensor (shared position embeddings) as it is."""
-    return tensor if tensor.shape[0] == 1 else tensor[rows]
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

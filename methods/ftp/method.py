@@ -23,7 +23,7 @@ Variants (registry): ftp-static (static router only), ftp-uniform (uniform sched
 uses top-k budgets, since without the sparsity input rescaling the schedule cannot move an argmax router), ftp-topk
 (the learned router with exact top-k budgets instead of argmax).
 
-Evaluation: routing depends on the whole sequence, so the evaluator must send unpadded rows (`sequence_dependent`).
+Evaluation: routing depends on the whole sequence, so each request is its own row (`sequence_dependent`); padded rows carry their mask.
 Padding, if present, is never computed in blocks 1..L-1 and never counts toward a budget. Cached generation works
 for batch size 1: each block's cache holds only its computed tokens and each new token is routed per block by the
 same argmax rule, on features kept incrementally (O(log N) router work per block and step); its quality differs
@@ -493,6 +493,10 @@ class FTP(Method):
         value = self.knob_in_force(self._model_config)
         if value is not None:
             self._controller.with_schedule(scaled_schedule(self.artifact["schedule"], value, self.max_block_sparsity))
+
+    def executed_flops(self) -> int | None:
+        ctl = getattr(self, "_controller", None)
+        return None if ctl is None else ctl.stats.executed_flops + ctl.stats.router_flops
 
     def reset_stats(self) -> None:
         if getattr(self, "_controller", None) is not None:

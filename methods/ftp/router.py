@@ -102,13 +102,19 @@ def keep_count(block_sparsity: float, n_valid: int) -> int:
     return max(1, min(n_valid, math.ceil((1.0 - block_sparsity) * n_valid - 1e-9)))
 
 
+def keep_counts(block_sparsity: float, n_valid: torch.Tensor) -> torch.Tensor:
+    """`keep_count` of every row at once (n_valid: a tensor of valid-token counts), in the same float64 arithmetic."""
+    n = n_valid.to(torch.float64)
+    keep = torch.ceil((1.0 - block_sparsity) * n - 1e-9).clamp(min=1)
+    return torch.minimum(keep, n).to(torch.long)
+
+
 def static_compute_mask(valid: torch.Tensor, block_sparsity: float) -> torch.Tensor:
     """Static router: priority x_0, x_{N-1}, x_{N-2}, …, x_1; compute the first ⌈(1 - s)·N⌉ of that order,
     i.e. the first token and the most recent window."""
     index = valid.long().cumsum(-1) - 1  # position among valid tokens
     n_valid = valid.sum(-1, keepdim=True)
-    keep = torch.tensor([keep_count(block_sparsity, int(n)) for n in n_valid.flatten()],
-                        device=valid.device).view_as(n_valid)
+    keep = keep_counts(block_sparsity, n_valid)
     recent = index >= n_valid - (keep - 1)
     return valid & ((index == 0) | recent)
 
@@ -118,11 +124,26 @@ def topk_compute_mask(p_compute: torch.Tensor, valid: torch.Tensor, block_sparsi
     masked = p_compute.masked_fill(~valid, -math.inf)
     order = torch.argsort(masked, dim=-1, descending=True, stable=True)
     rank = torch.argsort(order, dim=-1, stable=True)
-    keep = torch.tensor([keep_count(block_sparsity, int(n)) for n in valid.sum(-1)], device=valid.device)
-    return valid & (rank < keep[:, None])
+    return valid & (rank < keep_counts(block_sparsity, valid.sum(-1))[:, None])
 
 
-def random_compute_mask(valid: torch.Tensor, block_sparsity: float, generator: torch.Generator) -> torch.Tensor:
-    """Random skipping baseline: ⌈(1 - s)·N⌉ valid tokens chosen uniformly at random per row."""
-    noise = torch.rand(valid.shape, generator=generator).to(valid.device)
+def random_compute_mask(valid: torch.Tensor, block_sparsity: float, noise: torch.Tensor) -> torch.Tensor:
+    """Random skipping baseline: ⌈(1 - s)·N⌉ valid tokens per row, the ones with the highest `noise` [B, N]
+    (`token_noise`: uniform, and a function of the token alone, so a row draws the same alone and in a batch)."""
     return topk_compute_mask(noise, valid, block_sparsity)
+
+
+_PRIME = 2_147_483_647  # 2^31 − 1: every product below stays inside int64
+
+
+def token_noise(seed: int, block: int, token_ids: torch.Tensor) -> torch.Tensor:
+    """[B, N] pseudo-uniform values in [0, 1) from (seed, block, position, token id): a hash, not a generator
+    stream, so what a token draws does not depend on the other rows of its batch."""
+    positions = torch.arange(token_ids.shape[1], device=token_ids.device)[None]
+    h = torch.full_like(token_ids, (seed * 1_000_003 + block * 7_919) % _PRIME, dtype=torch.long)
+    for part in (positions, token_ids.long()):
+        h = (h * 48_271 + part + 1) % _PRIME
+        h = h ^ (h >> 15)
+        h = (h * 69_621) % _PRIME
+        h = h ^ (h >> 13)
+    return h.double() / _PRIME

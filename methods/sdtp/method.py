@@ -287,6 +287,10 @@ class SDTP(Method):
             for index, layer in originals.items():
                 layers[index] = layer
 
+    def executed_flops(self) -> int | None:
+        runtime = getattr(self, "_runtime", None)
+        return None if runtime is None else runtime.stats.analytic_executed_flops
+
     def reset_stats(self) -> None:
         runtime = getattr(self, "_runtime", None)
         if runtime is not None:

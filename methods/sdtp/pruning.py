@@ -72,7 +72,7 @@ def select_kept(scores: torch.Tensor, protected: torch.Tensor, budget: int,
     return key.topk(n_keep, dim=1).indices.sort(dim=1).values
 
 
-def select_kept_rows(scores: torch.Tensor, protected: torch.Tensor, budget: int,
+def select_kept_rows(scores: torch.Tensor, protected: torch.Tensor, budget: int | torch.Tensor,
                      present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row budgets (inference): row b keeps its protected tokens plus its highest-scoring present others, up
     to max(budget, |protected_b|) tokens, whatever the other rows hold. Returns (index [batch, n_max] into the
@@ -81,7 +81,8 @@ def select_kept_rows(scores: torch.Tensor, protected: torch.Tensor, budget: int,
     present = torch.ones_like(protected) if present is None else present
     protected = protected & present
     key = scores.detach().float().masked_fill(protected, math.inf).masked_fill(~present, -math.inf)
-    counts = torch.clamp(torch.maximum(protected.sum(1), torch.full_like(protected.sum(1), budget)), min=1)
+    budget = torch.as_tensor(budget, device=protected.device).expand(protected.shape[0])  # an int or one per row
+    counts = torch.clamp(torch.maximum(protected.sum(1), budget), min=1)
     counts = torch.minimum(counts, present.sum(1).clamp(min=1))
     n_max = int(counts.max())
     top = key.topk(n_max, dim=1).indices  # best first
@@ -92,18 +93,35 @@ def select_kept_rows(scores: torch.Tensor, protected: torch.Tensor, budget: int,
 
 def protected_positions(batch: int, seq_len: int, prompt_len: int, protect_first: int,
                         protect_last_fraction: float, scored: torch.Tensor | None,
-                        device: torch.device) -> torch.Tensor:
-    """[batch, seq_len] bool: attention sinks, the local window, the scored positions and generated tokens."""
-    protected = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
-    protected[:, : min(protect_first, prompt_len)] = True
+                        device: torch.device, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, seq_len] bool: attention sinks, the local window, the scored positions and generated tokens.
+
+    `lengths` [batch] (right-padded rows): row b is its first lengths[b] positions, its prompt the first
+    min(prompt_len, lengths[b]); its sinks and window are its own and its padding is never protected."""
+    if lengths is None:
+        return _protected_row(seq_len, prompt_len, protect_first, protect_last_fraction, device)[None].expand(
+            batch, seq_len).clone() | _scored(scored, batch, seq_len, device)
+    rows = [_protected_row(seq_len, min(prompt_len, int(n)), protect_first, protect_last_fraction, device, int(n))
+            for n in lengths.tolist()]
+    return torch.stack(rows) | _scored(scored, batch, seq_len, device)
+
+
+def _protected_row(seq_len: int, prompt_len: int, protect_first: int, protect_last_fraction: float,
+                   device: torch.device, length: int | None = None) -> torch.Tensor:
+    protected = torch.zeros(seq_len, dtype=torch.bool, device=device)
+    protected[: min(protect_first, prompt_len)] = True
     last = math.ceil(round(protect_last_fraction * prompt_len, 9))
-    protected[:, max(prompt_len - last, 0):] = True  # the local window and every generated token after it
-    if scored is not None:
-        if scored.shape != (batch, seq_len):
-            raise MethodConfigError(f"sdtp: scoring mask has shape {tuple(scored.shape)}, the input is "
-                                    f"{(batch, seq_len)}; pass one bool per input position")
-        protected |= scored.to(device=device, dtype=torch.bool)
+    protected[max(prompt_len - last, 0): length] = True  # the local window and every generated token after it
     return protected
+
+
+def _scored(scored: torch.Tensor | None, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    if scored is None:
+        return torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    if scored.shape != (batch, seq_len):
+        raise MethodConfigError(f"sdtp: scoring mask has shape {tuple(scored.shape)}, the input is "
+                                f"{(batch, seq_len)}; pass one bool per input position")
+    return scored.to(device=device, dtype=torch.bool)
 
 
 # --- the prompt / generated boundary for an uncached reference forward ----------------------------------
@@ -166,6 +184,8 @@ class PruningRuntime:
         self.protected: torch.Tensor | None = None  # [batch, n] for the current rows
         self.gathered_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per full table: gathered cos/sin
         self.prompt_len = 0
+        self.prompt_lens: torch.Tensor | None = None  # [batch] each row's prompt length
+        self.lengths: torch.Tensor | None = None  # [batch] each row's length (right padding excluded)
         self.seq_len = 0
         self.masks: dict[int | None, torch.Tensor | None] = {}  # per sliding window (None: full attention)
         self.rows_per_layer: list[int] = []  # this forward's n_ℓ
@@ -175,39 +195,51 @@ class PruningRuntime:
     def begin(self, hidden_states: torch.Tensor, attention_mask, past_key_values, layer: nn.Module) -> None:
         self._reset_forward()
         batch, seq_len = hidden_states.shape[:2]
+        device = hidden_states.device
         if past_key_values is not None and past_key_values.get_seq_length(layer.self_attn.layer_idx) > 0:
             self.decoding = True
             self.stats.decode_forwards += 1
             return
         self.key_positions.reset()
-        _require_unpadded(attention_mask, seq_len, sliding_window(layer))
+        valid = valid_tokens(attention_mask, seq_len, sliding_window(layer))
+        if valid is not None and past_key_values is not None:
+            raise MethodConfigError("sdtp: a padded batch's rows keep different numbers of tokens, which a shared KV "
+                                    "cache cannot hold; use_cache=False or batch rows of equal length")
+        self.lengths = torch.full((batch,), seq_len, device=device) if valid is None else valid.sum(1)
         n_prompt = _PROMPT_LENGTH.get()
         self.prompt_len = seq_len if n_prompt is None else min(n_prompt, seq_len)
+        self.prompt_lens = self.lengths.clamp(max=self.prompt_len)
         self.seq_len = seq_len
         self.caching = past_key_values is not None
         ctx = current_scoring()
         if ctx is not None and ctx.scored is None:
             # the caller reads every position: nothing may be dropped
-            protected = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device)
+            protected = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
         else:
             protected = protected_positions(batch, seq_len, self.prompt_len, self.protect_first,
-                                            self.protect_last_fraction, ctx.scored if ctx else None,
-                                            hidden_states.device)
+                                            self.protect_last_fraction, ctx.scored if ctx else None, device,
+                                            None if valid is None else self.lengths)
+        self.kept = torch.arange(seq_len, device=device).expand(batch, seq_len)
+        if valid is not None:  # right padding: its slots are no key for anyone and scatter into the trash
+            self.kept = self.kept.masked_fill(~valid, seq_len)
+            protected = protected & valid
+        self.slot_valid = valid
         self.protected = protected
-        self.kept = torch.arange(seq_len, device=hidden_states.device).expand(batch, seq_len)
         self.stats.prefill_forwards += 1
-        self.stats.input_tokens += batch * seq_len
-        self.rows_per_layer = [seq_len] * self.stage_layers[0]
+        self.stats.input_tokens += int(self.lengths.sum())
+        self.rows_per_layer = [self.lengths] * self.stage_layers[0]
 
     # -- a stage: score, select, gather ---------------------------------------------------------------------
     def prune(self, stage: int, predictor: SaliencyPredictor, hidden_states: torch.Tensor) -> torch.Tensor:
         scores = keep_logit(predictor(hidden_states))
-        self.rows_per_stage.append(hidden_states.shape[1])
-        generated = self.seq_len - self.prompt_len
-        budget = stage_budget(self.keep_ratio, stage, self.prompt_len) + generated
+        present = self._present(hidden_states)
+        self.rows_per_stage.append(present)
+        generated = self.lengths - self.prompt_lens
+        budget = torch.tensor([stage_budget(self.keep_ratio, stage, int(n)) for n in self.prompt_lens.tolist()],
+                              device=present.device) + generated
         local, valid = select_kept_rows(scores, self.protected, budget, self.slot_valid)
         self.stats.stage_decisions += 1
-        if int(valid.sum(1).max()) > min(budget, hidden_states.shape[1]):
+        if bool((valid.sum(1) > torch.minimum(budget, present)).any()):
             self.stats.stages_at_protected_floor += 1
         padded = not bool(valid.all())
         if padded and self.caching:
@@ -219,6 +251,12 @@ class PruningRuntime:
         self.slot_valid = valid if padded else None
         self.gathered_rope, self.masks = {}, {}
         return _gather_rows(hidden_states, local)
+
+    def _present(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[batch] tokens each row holds now (its slots that are not padding)."""
+        if self.slot_valid is None:
+            return torch.full((hidden_states.shape[0],), hidden_states.shape[1], device=hidden_states.device)
+        return self.slot_valid.sum(1)
 
     def position_embeddings(self, full: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's own (cos, sin) table (Gemma 3: one per layer type) at the kept rows' original positions."""
@@ -259,15 +297,19 @@ class PruningRuntime:
 
     def count(self, hidden_states: torch.Tensor) -> None:
         if not self.decoding:
-            self.rows_per_layer.append(hidden_states.shape[1])
+            self.rows_per_layer.append(self._present(hidden_states))
 
     def _record(self, batch: int) -> None:
+        """Each row is charged what it computes alone: its own tokens per layer (padding slots are the batch's,
+        not the method's, work)."""
         coeff = self.coefficients
         for layer, n in enumerate(self.rows_per_layer):
-            self.stats.tokens_per_layer[layer] += batch * n
-            self.stats.analytic_executed_flops += batch * coeff.layer(n)
-        self.stats.analytic_executed_flops += batch * self.predictor_flops_per_token * sum(self.rows_per_stage)
-        self.stats.analytic_dense_flops += batch * self.num_layers * coeff.layer(self.seq_len)
+            counts = n.tolist()
+            self.stats.tokens_per_layer[layer] += sum(counts)
+            self.stats.analytic_executed_flops += sum(coeff.layer(int(c)) for c in counts)
+        self.stats.analytic_executed_flops += self.predictor_flops_per_token * int(sum(n.sum() for n in
+                                                                                       self.rows_per_stage))
+        self.stats.analytic_dense_flops += self.num_layers * sum(coeff.layer(int(c)) for c in self.lengths.tolist())
 
 
 def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -276,18 +318,24 @@ def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
 
 
-def _require_unpadded(attention_mask, seq_len: int, window: int | None) -> None:
-    """Pruning decisions are per row with equal budgets: padded batches are not supported. The model's mask must
-    be plain causal (within the layer's sliding window, if it has one)."""
+def valid_tokens(attention_mask, seq_len: int, window: int | None) -> torch.Tensor | None:
+    """[batch, seq_len] bool, False at padding, from the model's mask; None when there is none. Rows may be padded
+    (a key mask: a valid query sees every valid earlier key, within the layer's sliding window); anything else (a
+    packed or custom 4-D mask) is refused: decisions are per row."""
     if not isinstance(attention_mask, torch.Tensor):
-        return
+        return None
     mask = attention_mask[..., -seq_len:, -seq_len:]
-    allowed = mask if mask.dtype == torch.bool else mask == 0
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
     positions = torch.arange(seq_len, device=mask.device)[None]
-    expected = visible_keys(positions, positions, window)[0]
-    if mask.shape[-2:] != (seq_len, seq_len) or not bool((allowed == expected).all()):
-        raise MethodConfigError("sdtp prunes unpadded rows only: batch rows of equal length without padding "
-                                "(or batch size 1); the attention mask given here is not plain causal")
+    causal = visible_keys(positions, positions, window)[0]
+    valid = allowed[:, -1, :] | allowed.diagonal(dim1=1, dim2=2)  # a row's last query sees its valid keys
+    expected = causal[None] & valid[:, None, :]
+    prefix = positions < valid.sum(1, keepdim=True)
+    if mask.shape[-2:] != (seq_len, seq_len) or not bool(((allowed == expected) | ~valid[:, :, None]).all()) \
+            or not bool((valid == prefix).all()):
+        raise MethodConfigError("sdtp prunes unpadded or right-padded rows only, each under plain causal attention "
+                                "(the attention mask given here is neither: left padding, or a packed mask)")
+    return None if bool(valid.all()) else valid
 
 
 class SDTPLayer(nn.Module):
