@@ -82,10 +82,7 @@ class RowFlops:
         batch, width = (int(n) for n in call["input_ids"].shape)
         dense = self.dense_flops(batch, width) if lengths is None else sum(self.dense_flops(1, n) for n in lengths)
         before = None if self.method_flops is None else self.method_flops()
-        if before is None:
-            out, executed = counted_forward(model, **call)
-            return out, executed, dense
-        if lengths is None:
+        if before is None or lengths is None:
             out, executed = counted_forward(model, **call)
             return out, executed, dense
         out = model(**call)
