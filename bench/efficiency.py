@@ -41,10 +41,11 @@ def prefill(model, input_ids: torch.Tensor):
         return model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
 
 
-def decode(model, input_ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
-    """Greedy decoding of `new_tokens` after a (untimed) prefill; returns the timed part as a closure."""
+def decode(model, input_ids: torch.Tensor, new_tokens: int, prefilled=None) -> Callable[[], object]:
+    """Greedy decoding of `new_tokens` after a prefill (`prefilled`: the output of one already run on
+    `input_ids`, else an untimed one here); returns the timed part as a closure."""
     with torch.inference_mode():
-        out = prefill(model, input_ids)
+        out = prefill(model, input_ids) if prefilled is None else prefilled
     state = {"cache": out.past_key_values, "next": out.logits[:, -1:].argmax(-1)}
 
     def run() -> None:
@@ -81,11 +82,18 @@ class LatencyResult:
 
 def _time_one(model, pruned: Callable[[], AbstractContextManager], use_pruned: bool, timer: Timer,
               input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of the dense model, or of the pruned one inside its apply()."""
+    """(prefill seconds, decode seconds) of the dense model, or of the pruned one inside its apply(); the decode
+    continues from the timed prefill's cache."""
+
+    def run(m) -> tuple[float, float]:
+        held = {}
+        seconds = timer(lambda: held.setdefault("out", prefill(m, input_ids)))
+        return seconds, timer(decode(m, input_ids, new_tokens, prefilled=held.get("out")))
+
     if use_pruned:
         with pruned() as m:
-            return timer(lambda: prefill(m, input_ids)), timer(decode(m, input_ids, new_tokens))
-    return timer(lambda: prefill(model, input_ids)), timer(decode(model, input_ids, new_tokens))
+            return run(m)
+    return run(model)
 
 
 def interleaved_latency(model, pruned: Callable[[], AbstractContextManager], input_ids: torch.Tensor,

@@ -102,9 +102,11 @@ def analytic_sparsity(method: Method, config, workload: Workload, dense_flops: C
 def solve_knob(method: Method, model, workload: Workload, dense_flops: Callable[[int, int], int],
                tolerance: float = SOLVE_TOLERANCE, max_steps: int = MAX_SOLVE_STEPS) -> MatchResult:
     """Set the method's knob (inside its live apply()) so that c on `workload` is as close to the target as the
-    knob allows. c is taken as monotone in the knob: bracket the target between the start value and a bound, then
-    regula falsi with bisection safeguards. The closest value seen is kept. Methods with `row_flops` are solved by
-    arithmetic on every row; the others by FlopCounterMode forwards over an evenly spread subset of the workload."""
+    knob allows. c is taken as monotone in the knob: a secant step through the two latest points (the knob's
+    `dense_at`, where c = 0 by construction, counts as a point without a forward), kept inside the bracket the
+    points so far give (regula falsi, then bisection, when it strays), and extrapolated towards the bound while
+    the target is not yet bracketed. The closest value seen is kept. Methods with `row_flops` are solved by
+    arithmetic on every row; the others by counted forwards over an evenly spread subset of the workload."""
     target = method.sparsity
     config = model.config
     knob = method.knob(config)
@@ -118,37 +120,39 @@ def solve_knob(method: Method, model, workload: Workload, dense_flops: Callable[
     exact = method.row_flops(config, int(first[0].shape[1]), None if first[1] is None else first[1][0]) is not None
     sample = workload if exact else workload.subsample(SOLVE_TOKENS)
     steps_allowed = 4 * max_steps if exact else max_steps  # arithmetic steps cost next to nothing
+    points: list[tuple[float, float]] = [] if knob.dense_at is None else [(knob.dense_at, 0.0)]
 
-    def measure(value: float) -> float:
+    def measure(value: float) -> None:
         method.set_knob(value)
         seen[value] = analytic_sparsity(method, config, sample, dense_flops) if exact \
             else workload_sparsity(model, sample, dense_flops, method)
+        points.append((value, seen[value]))
         result.steps += 1
-        return seen[value]
 
-    def gap(value: float) -> float:  # > 0: too little sparsity at this value, in the knob's increasing direction
-        return (target - seen[value]) if knob.increasing else (seen[value] - target)
+    def gap(c: float) -> float:  # > 0: the value is too small (too little sparsity for an increasing knob)
+        return (target - c) if knob.increasing else (c - target)
 
-    start = min(max(knob.value, knob.low), knob.high)
-    measure(start)
-    if abs(seen[start] - target) > tolerance:
-        bound = knob.high if gap(start) > 0 else knob.low
-        measure(bound)
-        if gap(bound) * gap(start) > 0:  # the bound does not cross the target: out of reach on these inputs
-            result.reason = (f"target {target:g} out of reach on these inputs: {knob.name} at its bound {bound:g} "
-                             f"gives c = {seen[bound]:.4f}")
-        else:
-            lo, hi = (start, bound) if start < bound else (bound, start)
-            while result.steps < steps_allowed and min(abs(c - target) for c in seen.values()) > tolerance:
-                g_lo, g_hi = gap(lo), gap(hi)
-                x = lo + (hi - lo) * g_lo / (g_lo - g_hi) if g_lo != g_hi else (lo + hi) / 2
-                if not lo + 0.05 * (hi - lo) < x < hi - 0.05 * (hi - lo):
-                    x = (lo + hi) / 2  # keep the bracket shrinking
-                measure(x)
-                if gap(x) * g_lo > 0:
-                    lo = x
-                else:
-                    hi = x
+    measure(min(max(knob.value, knob.low), knob.high))
+    while result.steps < steps_allowed and min(abs(c - target) for c in seen.values()) > tolerance:
+        below = [v for v, c in points if gap(c) > 0]
+        above = [v for v, c in points if gap(c) < 0]
+        lo, hi = (max(below) if below else None), (min(above) if above else None)
+        (v1, c1), (v2, c2) = points[-2] if len(points) > 1 else points[-1], points[-1]
+        x = v2 - gap(c2) * (v2 - v1) / (gap(c2) - gap(c1)) if gap(c1) != gap(c2) else None
+        if lo is not None and hi is not None:
+            if x is None or not lo < x < hi:  # regula falsi on the bracket, kept off its ends, else bisection
+                g_lo, g_hi = gap(seen.get(lo, 0.0)), gap(seen.get(hi, 0.0))
+                x = lo + (hi - lo) * g_lo / (g_lo - g_hi)
+                x = x if lo + 0.05 * (hi - lo) < x < hi - 0.05 * (hi - lo) else (lo + hi) / 2
+        else:  # not bracketed yet: towards the bound on the side the target lies
+            bound = knob.high if hi is None else knob.low
+            if bound in seen:
+                result.reason = (f"target {target:g} out of reach on these inputs: {knob.name} at its bound "
+                                 f"{bound:g} gives c = {seen[bound]:.4f}")
+                break
+            toward = x is not None and (x > lo if hi is None else x < hi)
+            x = (min(x, bound) if hi is None else max(x, bound)) if toward else bound
+        measure(x)
     best = min(seen, key=lambda v: (abs(seen[v] - target), v))
     method.set_knob(best)
     result.value, result.solved_sparsity = float(best), seen[best]

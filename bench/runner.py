@@ -26,7 +26,7 @@ from bench.provenance import BENCH_VERSION, Provenance
 from bench.store import Store, cell_hash
 from bench.study import give_calibration, model_shape, overrides_for
 from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
-from methods import Method, MethodConfigError, make_method
+from methods import Method, MethodConfigError, make_method, method_class
 
 
 @dataclass
@@ -82,7 +82,7 @@ def plan_methods(config: RunConfig, shape=None) -> list[Method]:
         fields = sized_fields(name, chosen, shape)
         calibration = overrides_for(name, config.calibration)
         for s in config.sparsities:
-            for seed in seeds:
+            for seed in seeds if method_class(name).seeded else seeds[:1]:
                 try:
                     method = make_method(name, **{"sparsity": s, "seed": seed, **fields})
                 except MethodConfigError as exc:

@@ -25,9 +25,11 @@ def __getattr__(name: str):
 _REGISTRY: dict[str, tuple[str, dict]] = {
     "dense": ("methods.dense:Dense", {}),
     "random": ("methods.random_layers:RandomLayers", {}),
+    "tail": ("methods.tail_layers:TailLayers", {}),
     "shortgpt": ("methods.shortgpt:ShortGPT", {}),
     "blockpruner": ("methods.blockpruner:BlockPruner", {}),
     "sdtp": ("methods.sdtp:SDTP", {}),
+    "sdtp-random": ("methods.sdtp:SDTP", {"scores": "random"}),
     "ftp": ("methods.ftp:FTP", {}),
     "ftp-static": ("methods.ftp:FTP", {"router": "static"}),
     "ftp-uniform": ("methods.ftp:FTP", {"schedule": "uniform"}),

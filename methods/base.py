@@ -94,6 +94,7 @@ class Knob:
     low: float
     high: float
     increasing: bool  # True: c grows with the value
+    dense_at: float | None = None  # a value at which the method computes every token by construction (c = 0)
 
 
 @dataclass
@@ -146,6 +147,9 @@ class Method:
     default_calibration: ClassVar[dict] = {}
     # The preset a small model gets unless the user names one (bench.budgets); None: one budget for every size.
     small_preset: ClassVar[str | None] = None
+    # False: nothing the method does depends on `seed` (no sampled calibration, no random choice): a study's
+    # calibration seeds plan it once, and its seed spread is zero by construction.
+    seeded: ClassVar[bool] = True
 
     _artifact: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     _knob_value: float | None = field(default=None, init=False, repr=False, compare=False)

@@ -11,6 +11,7 @@ from methods.base import Method, MethodConfigError, MethodStats
 @dataclass
 class Dense(Method):
     name: ClassVar[str] = "dense"
+    seeded: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -57,7 +57,7 @@ def test_rounds_grow_until_the_cis_are_tight_or_the_cap(monkeypatch, noisy):
 
     monkeypatch.setattr(efficiency, "Timer", lambda device: _FakeTimer(seconds()))
     monkeypatch.setattr(efficiency, "prefill", lambda model, ids: None)
-    monkeypatch.setattr(efficiency, "decode", lambda model, ids, n: (lambda: None))
+    monkeypatch.setattr(efficiency, "decode", lambda model, ids, n, prefilled=None: (lambda: None))
 
     class _Apply:
         def __enter__(self):

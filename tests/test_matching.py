@@ -3,14 +3,23 @@ unit's own inputs, BlockPruner fitted to the real lengths, SDTP batch-independen
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from bench.flops import analytic_decoder_flops, count_flops
-from bench.matching import MATCH_TOLERANCE, Workload, is_matched, solve_knob, workload_sparsity
+from bench.matching import (
+    MATCH_TOLERANCE,
+    SOLVE_TOLERANCE,
+    Workload,
+    is_matched,
+    solve_knob,
+    workload_sparsity,
+)
 from bench.models import tiny_llama
 from methods import make_method
-from methods.base import CalibrationSet, scoring
+from methods.base import CalibrationSet, Knob, scoring
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,6 +116,62 @@ def test_an_unreachable_target_is_reported_not_hidden(deep):
         measured = workload_sparsity(pruned, workload, _dense(deep))
     assert result.reason and "out of reach" in result.reason
     assert measured == pytest.approx(result.solved_sparsity) and not is_matched(measured, 0.45)
+
+
+class _CurveMethod:
+    """A stand-in with c = curve(knob value) on every row, solved by arithmetic (`row_flops`)."""
+
+    def __init__(self, curve, target, increasing=True, dense_at=None, start=0.5):
+        self.curve, self.sparsity, self.value = curve, target, None
+        self.spec = Knob("v", start, low=0.0, high=1.0, increasing=increasing, dense_at=dense_at)
+
+    def knob(self, config):
+        return self.spec
+
+    def set_knob(self, value):
+        self.value = value
+
+    def row_flops(self, config, width, scored):
+        return round(1e9 * (1.0 - self.curve(self.spec.value if self.value is None else self.value)))
+
+
+def _solve_curve(method):
+    config = tiny_llama(num_layers=2).config
+    workload = Workload([(torch.zeros(1, 8, dtype=torch.long), None, {})])
+    return solve_knob(method, SimpleNamespace(config=config), workload, lambda b, n: 10**9)
+
+
+@pytest.mark.parametrize("increasing", [True, False])
+def test_the_solve_lands_on_a_nonlinear_monotone_curve(increasing):
+    curve = (lambda v: 0.6 * v**2) if increasing else (lambda v: 0.6 * (1 - v) ** 2)
+    result = _solve_curve(_CurveMethod(curve, 0.25, increasing=increasing))
+    assert abs(result.solved_sparsity - 0.25) <= SOLVE_TOLERANCE and not result.reason
+    assert result.solved_sparsity == pytest.approx(curve(result.value))
+
+
+def test_dense_at_is_a_point_of_the_curve_that_costs_no_step():
+    """With c(0) = 0 given, the first step is a secant through the origin instead of a forward at the bound."""
+    curve = lambda v: 0.3 * v + 0.3 * v**2  # noqa: E731
+    with_origin = _solve_curve(_CurveMethod(curve, 0.25, dense_at=0.0, start=0.9))
+    without = _solve_curve(_CurveMethod(curve, 0.25, start=0.9))
+    assert abs(with_origin.solved_sparsity - 0.25) <= SOLVE_TOLERANCE
+    assert abs(without.solved_sparsity - 0.25) <= SOLVE_TOLERANCE
+    assert with_origin.steps < without.steps
+
+
+def test_a_target_beyond_the_bound_stops_at_the_bound_with_the_reason():
+    result = _solve_curve(_CurveMethod(lambda v: 0.2 * v, 0.25, dense_at=0.0))
+    assert result.value == 1.0 and "out of reach" in result.reason and "gives c = 0.2000" in result.reason
+
+
+def test_ftp_computes_every_token_at_its_dense_at_value(deep):
+    """`dense_at` is taken without a forward: FTP's scale 0 must give c = 0 exactly, router costs included."""
+    method = _calibrated("ftp", deep)
+    knob = method.knob(deep.config)
+    method.set_knob(knob.dense_at)
+    with method.apply(deep) as pruned:
+        assert workload_sparsity(pruned, _workload(SHORT, 3), _dense(deep), method) == 0.0
+        assert method.executed_flops() == sum(2 * _dense(deep)(1, n) for n in SHORT)
 
 
 def _blockpruner(model):

@@ -35,9 +35,9 @@ from methods.ftp.router import (
     random_compute_mask,
     router_features,
     static_compute_mask,
-    token_noise,
     topk_compute_mask,
 )
+from methods.token_noise import token_noise
 from methods.token_subsets import KeyPositions, additive_mask, sliding_window, visible_keys
 
 ROUTERS = ("learned", "static", "random")

@@ -458,13 +458,14 @@ class FTP(Method):
     # -- matching knob ----------------------------------------------------------------------------------------
     def knob(self, config) -> Knob | None:
         """The schedule scale: exact budgets (top-k, static, random) follow it by construction, and the learned
-        argmax router follows it through its sparsity input."""
+        argmax router follows it through its sparsity input. At scale 0 every s_i is 0: no block is routed, no
+        router or attention table runs, so c = 0 (`dense_at`)."""
         schedule = [float(s) for s in self.artifact["schedule"]]
         if not any(s > 0 for s in schedule):
             return None
         saturated = self.max_block_sparsity / min(s for s in schedule if s > 0)
         return Knob("schedule_scale", float(self.artifact.get("schedule_scale", 1.0)), low=0.0, high=saturated,
-                    increasing=True)
+                    increasing=True, dense_at=0.0)
 
     def set_knob(self, value: float | None) -> None:
         self._knob_value = value

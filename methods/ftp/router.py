@@ -131,19 +131,3 @@ def random_compute_mask(valid: torch.Tensor, block_sparsity: float, noise: torch
     """Random skipping baseline: ⌈(1 - s)·N⌉ valid tokens per row, the ones with the highest `noise` [B, N]
     (`token_noise`: uniform, and a function of the token alone, so a row draws the same alone and in a batch)."""
     return topk_compute_mask(noise, valid, block_sparsity)
-
-
-_PRIME = 2_147_483_647  # 2^31 − 1: every product below stays inside int64
-
-
-def token_noise(seed: int, block: int, token_ids: torch.Tensor) -> torch.Tensor:
-    """[B, N] pseudo-uniform values in [0, 1) from (seed, block, position, token id): a hash, not a generator
-    stream, so what a token draws does not depend on the other rows of its batch."""
-    positions = torch.arange(token_ids.shape[1], device=token_ids.device)[None]
-    h = torch.full_like(token_ids, (seed * 1_000_003 + block * 7_919) % _PRIME, dtype=torch.long)
-    for part in (positions, token_ids.long()):
-        h = (h * 48_271 + part + 1) % _PRIME
-        h = h ^ (h >> 15)
-        h = (h * 69_621) % _PRIME
-        h = h ^ (h >> 13)
-    return h.double() / _PRIME

@@ -40,6 +40,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # models under 20M decoder parameters (bench.budgets)
     "small": {"train_sequences": 100, "train_seq_len": 256, "epochs": 1, "learning_rate": 1e-3},
 }
+# "saliency": the trained predictors rank the tokens (the paper); "random": seeded uniform scores at the same
+# stages, budgets and protected positions (sdtp-random, the control for the predictors' ranking).
+SCORES = ("saliency", "random")
 _PRESET_FIELDS = ("train_sequences", "train_seq_len", "epochs", "learning_rate")
 
 
@@ -114,18 +117,25 @@ class SDTP(Method):
     weight_decay: float = 0.01
     gumbel_tau: float = 1.0
     progress: bool = True
+    scores: str = "saliency"
 
     name: ClassVar[str] = "sdtp"
     version: ClassVar[str] = "1"
-    needs_calibration: ClassVar[bool] = True
-    calibration_ignores: ClassVar[tuple[str, ...]] = ("progress",)
+    calibration_ignores: ClassVar[tuple[str, ...]] = ("progress", "scores")  # random scores use no artifact
     sequence_dependent: ClassVar[bool] = True
     # the paper preset's data amount; the cpu preset uses the first `train_sequences` rows of it
     default_calibration: ClassVar[dict] = {"n_samples": 3000, "seq_len": 512, "source": "c4-all"}
     small_preset: ClassVar[str | None] = "small"
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Saliency scores need trained predictors; sdtp-random's scores need nothing."""
+        return self.scores == "saliency"
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.scores not in SCORES:
+            raise MethodConfigError(f"sdtp: scores must be one of {SCORES}, got {self.scores!r}")
         if self.preset not in PRESETS:
             raise MethodConfigError(f"sdtp: unknown preset {self.preset!r}; use one of {sorted(PRESETS)}")
         explicit = {name for name in _PRESET_FIELDS if getattr(self, name) is not None}
@@ -164,6 +174,12 @@ class SDTP(Method):
     def width(self, config) -> int:
         return self.predictor_width or max(1, config.hidden_size // 4)
 
+    def predictor_flops(self, config) -> int:
+        """FLOPs per scored token of a stage's scoring: a predictor's matmuls (random scores: none)."""
+        if self.scores == "random":
+            return 0
+        return SaliencyPredictor(config.hidden_size, self.width(config)).flops_per_token()
+
     def resolved_keep_ratio(self, config) -> float:
         """r: the harness's solved knob if set, else the field if set, else the §5 formula solved at
         reference_seq_len (predictor FLOPs included)."""
@@ -172,8 +188,8 @@ class SDTP(Method):
         if self.keep_ratio is not None:
             return float(self.keep_ratio)
         stages = self.stages(config.num_hidden_layers)
-        per_token = SaliencyPredictor(config.hidden_size, self.width(config)).flops_per_token()
-        return keep_ratio_for_sparsity(self.sparsity, config, stages, self.reference_seq_len, per_token)
+        return keep_ratio_for_sparsity(self.sparsity, config, stages, self.reference_seq_len,
+                                       self.predictor_flops(config))
 
     def knob(self, config) -> Knob:
         """r moves c down as it grows; the harness solves it on each unit's inputs (the predictors' training does
@@ -196,7 +212,7 @@ class SDTP(Method):
         r = self.resolved_keep_ratio(config)
         protected = int(protected_positions(1, width, width, self.protect_first, self.protect_last_fraction,
                                             None if scored is None else scored[None], torch.device("cpu")).sum())
-        per_token = SaliencyPredictor(config.hidden_size, self.width(config)).flops_per_token()
+        per_token = self.predictor_flops(config)
         present, flops = width, 0
         for layer in range(config.num_hidden_layers):
             if layer in stages:
@@ -271,13 +287,21 @@ class SDTP(Method):
         layers = model.model.layers
         stages = self.stages(config.num_hidden_layers)
         device = next(model.parameters()).device
-        predictors = {layer: p.to(device) for layer, p in self.load_predictors(config).items()}
+        random_scores = self.scores == "random"
+        predictors = {} if random_scores else {layer: p.to(device) for layer, p in self.load_predictors(config).items()}
         self._model_config = config
-        self._runtime = PruningRuntime(stages, self.resolved_keep_ratio(config), config.num_hidden_layers,
-                                       self.protect_first, self.protect_last_fraction,
-                                       LayerFlopCoefficients.from_config(config),
-                                       next(iter(predictors.values())).flops_per_token())
+        runtime = self._runtime = PruningRuntime(
+            stages, self.resolved_keep_ratio(config), config.num_hidden_layers, self.protect_first,
+            self.protect_last_fraction, LayerFlopCoefficients.from_config(config),
+            0 if random_scores else next(iter(predictors.values())).flops_per_token(),
+            random_seed=self.seed if random_scores else None)
         originals = {index: layers[index] for index in range(stages[0], config.num_hidden_layers)}
+
+        def record_ids(module, args, kwargs) -> None:
+            runtime.input_ids = kwargs.get("input", args[0] if args else None)
+
+        hook = model.get_input_embeddings().register_forward_pre_hook(record_ids, with_kwargs=True) \
+            if random_scores else None
         try:
             for index, layer in originals.items():
                 stage = stages.index(index) + 1 if index in stages else None
@@ -286,6 +310,8 @@ class SDTP(Method):
         finally:
             for index, layer in originals.items():
                 layers[index] = layer
+            if hook is not None:
+                hook.remove()
 
     def executed_flops(self) -> int | None:
         runtime = getattr(self, "_runtime", None)

@@ -18,6 +18,7 @@ from torch import nn
 
 from methods.base import MethodConfigError, current_scoring
 from methods.flop_coefficients import LayerFlopCoefficients
+from methods.token_noise import token_noise
 from methods.token_subsets import KeyPositions, additive_mask, sliding_window, visible_keys
 
 # Attention kernels for which `attention_mask=None` means plain causal attention during prefill.
@@ -164,10 +165,12 @@ class PruningRuntime:
 
     def __init__(self, stage_layers: list[int], keep_ratio: float, num_layers: int, protect_first: int,
                  protect_last_fraction: float, coefficients: LayerFlopCoefficients,
-                 predictor_flops_per_token: int) -> None:
+                 predictor_flops_per_token: int, random_seed: int | None = None) -> None:
         self.stage_layers = list(stage_layers)
         self.coefficients = coefficients
         self.predictor_flops_per_token = predictor_flops_per_token
+        self.random_seed = random_seed  # not None: stages score tokens at random (sdtp-random), no predictors
+        self.input_ids: torch.Tensor | None = None  # the current forward's token ids (set by the embedding's hook)
         self.keep_ratio = keep_ratio
         self.num_layers = num_layers
         self.protect_first = protect_first
@@ -230,8 +233,19 @@ class PruningRuntime:
         self.rows_per_layer = [self.lengths] * self.stage_layers[0]
 
     # -- a stage: score, select, gather ---------------------------------------------------------------------
-    def prune(self, stage: int, predictor: SaliencyPredictor, hidden_states: torch.Tensor) -> torch.Tensor:
-        scores = keep_logit(predictor(hidden_states))
+    def random_scores(self, stage: int) -> torch.Tensor:
+        """sdtp-random: seeded uniform scores of the current rows' tokens (`token_noise` of their ids at their
+        original positions), in place of a predictor's; a row draws the same alone and in any batch."""
+        if self.input_ids is None:
+            raise MethodConfigError("sdtp-random draws its scores from the token ids: call the model with input_ids "
+                                    "(not inputs_embeds)")
+        ids = self.input_ids.gather(1, self.kept.clamp(max=self.seq_len - 1))
+        return token_noise(self.random_seed, stage, ids, self.kept).float()
+
+    def prune(self, stage: int, predictor: SaliencyPredictor | None, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Stage `stage`: score the current tokens (the predictor's keep logit; random scores without one), keep
+        each row's budget of them, gather."""
+        scores = keep_logit(predictor(hidden_states)) if predictor is not None else self.random_scores(stage)
         present = self._present(hidden_states)
         self.rows_per_stage.append(present)
         generated = self.lengths - self.prompt_lens
@@ -361,7 +375,7 @@ class SDTPLayer(nn.Module):
             return self.layer(hidden_states, attention_mask=mask, position_ids=position_ids,
                               past_key_values=past_key_values, use_cache=use_cache,
                               position_embeddings=position_embeddings, **kwargs)
-        if self.predictor is not None:
+        if self.stage is not None:
             hidden_states = runtime.prune(self.stage, self.predictor, hidden_states)
         out = self.layer(hidden_states, attention_mask=runtime.layer_mask(self.layer, hidden_states, past_key_values),
                          position_ids=runtime.kept, past_key_values=past_key_values, use_cache=use_cache,
