@@ -52,3 +52,20 @@ def removed_layers(model, indices: Sequence[int]) -> Iterator[object]:
         config.num_hidden_layers = original_num
         if original_types is not None:
             config.layer_types = original_types
+
+
+class RemovesLayers:
+    """apply() and measured_stats() of a method that deletes the whole layers `removed_indices(L)` names."""
+
+    def removed_indices(self, num_layers: int) -> list[int]:
+        raise NotImplementedError
+
+    @contextmanager
+    def apply(self, model) -> Iterator[object]:
+        self._num_layers = model.config.num_hidden_layers
+        self._removed = self.removed_indices(self._num_layers)
+        with removed_layers(model, self._removed) as pruned:
+            yield pruned
+
+    def measured_stats(self) -> MethodStats:
+        return layer_removal_stats(getattr(self, "_removed", []), getattr(self, "_num_layers", 0))

@@ -6,8 +6,6 @@ raw residual stream. One shot: BI is computed once on the dense model. Removed l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from methods.base import CalibrationSet, Method, MethodConfigError, MethodStats
-from methods.layer_removal import layer_removal_stats, layers_to_remove, removed_layers
+from methods.layer_removal import RemovesLayers, layers_to_remove
 
 
 def block_influence(model, calibration: CalibrationSet, batch_size: int = 4,
@@ -58,7 +56,7 @@ def block_influence(model, calibration: CalibrationSet, batch_size: int = 4,
 
 
 @dataclass
-class ShortGPT(Method):
+class ShortGPT(RemovesLayers, Method):
     """Fields: `reference_last_layer_norm` reproduces the reference code's last-layer comparison against the
     final-normed output (off by default: the paper's definition uses the raw residual stream)."""
 
@@ -87,16 +85,9 @@ class ShortGPT(Method):
                                     "recalibrate for this model (calibrate --force)")
         return sorted(ranking[: layers_to_remove(self.sparsity, num_layers)])
 
-    @contextmanager
-    def apply(self, model) -> Iterator[object]:
-        self._num_layers = model.config.num_hidden_layers
-        self._removed = self.removed_indices(self._num_layers)
-        with removed_layers(model, self._removed) as pruned:
-            yield pruned
-
     def measured_stats(self) -> MethodStats:
         removed = getattr(self, "_removed", [])
         bi = self.artifact.get("block_influence", []) if self._artifact else []
-        stats = layer_removal_stats(removed, getattr(self, "_num_layers", 0))
+        stats = super().measured_stats()
         stats.details["removed_block_influence"] = [bi[i] for i in removed] if bi else []
         return stats

@@ -7,17 +7,15 @@ No calibration: the choice depends on the layer count alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
-from methods.base import Method, MethodStats
-from methods.layer_removal import layer_removal_stats, layers_to_remove, removed_layers
+from methods.base import Method
+from methods.layer_removal import RemovesLayers, layers_to_remove
 
 
 @dataclass
-class TailLayers(Method):
+class TailLayers(RemovesLayers, Method):
     name: ClassVar[str] = "tail"
     seeded: ClassVar[bool] = False
 
@@ -25,13 +23,3 @@ class TailLayers(Method):
         """Layers L−1−n … L−2 for n = round(c·L) (ties to the smaller n, as ShortGPT)."""
         n = min(layers_to_remove(self.sparsity, num_layers), num_layers - 1)
         return list(range(num_layers - 1 - n, num_layers - 1))
-
-    @contextmanager
-    def apply(self, model) -> Iterator[object]:
-        self._num_layers = model.config.num_hidden_layers
-        self._removed = self.removed_indices(self._num_layers)
-        with removed_layers(model, self._removed) as pruned:
-            yield pruned
-
-    def measured_stats(self) -> MethodStats:
-        return layer_removal_stats(getattr(self, "_removed", []), getattr(self, "_num_layers", 0))
