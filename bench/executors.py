@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 
 from tqdm.auto import tqdm
@@ -35,6 +36,27 @@ def _import(name: str, pin: str, flag: str):
         return __import__(name)
     except ImportError as exc:
         raise BenchError(f"{flag} needs {name}: pip install '{pin}' (or pip install -e '.[scale]')") from exc
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse an address nothing answers at, in seconds: `ray.init` would retry for minutes and print nothing.
+    None and "auto" (a local cluster Ray finds or starts itself) are left to Ray."""
+    if address in (None, "auto", "local"):
+        return
+    where = address.removeprefix("ray://")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise BenchError(f"--ray-address {address}: not host:port; give the head node's GCS address (e.g. "
+                         f"10.0.0.5:6379) or a Ray client address (ray://10.0.0.5:10001)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise BenchError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the "
+                         f"cluster first (`ray start --head` on the head node) or leave --ray-address out to "
+                         f"run a local Ray") from exc
 
 
 def _worker_config(config, threads: int | None):
@@ -167,6 +189,7 @@ def run_on_ray(runner) -> list[str]:
     executor does, and returns run_cells."""
     ray = _import("ray", "ray==2.60.0", "--executor ray")
     config = runner.config
+    check_ray_address(config.ray_address)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
     if os.environ.get("BENCH_CACHE"):
         env["BENCH_CACHE"] = os.path.abspath(os.path.expanduser(os.environ["BENCH_CACHE"]))

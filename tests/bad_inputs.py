@@ -227,4 +227,10 @@ CASES: list[Case] = [
          "data manifest"),
     Case("data-manifest-list", "the vendored data manifest a JSON list", _data_manifest(json.dumps([1, 2])),
          "holds a JSON list"),
+    Case("ray-address-unreachable", "`run --executor ray --ray-address 127.0.0.1:1` (nothing listens there)",
+         cli("run", "--executor", "ray", "--ray-address", "127.0.0.1:1", "--methods", "shortgpt", "--tasks", "piqa",
+             "--limit", "1", "--results", "{tmp}/results"), "--ray-address 127.0.0.1:1: nothing answers there"),
+    Case("ray-address-malformed", "`run --executor ray --ray-address head-node` (no port)",
+         cli("run", "--executor", "ray", "--ray-address", "head-node", "--methods", "shortgpt", "--tasks", "piqa",
+             "--limit", "1", "--results", "{tmp}/results"), "--ray-address head-node: not host:port"),
 ]
