@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bench.calibration import SOURCES, load_calibration
+from bench.console import terminal
 from bench.datafiles import manifest
 from bench.errors import BenchError
 from bench.paths import REPO_ROOT, cache_dir
@@ -168,7 +168,7 @@ def ensure_calibrated(method: Method, model, tokenizer, model_id: str, seed: int
                 if _is_committed(found):
                     raise  # a damaged repository file is refused with the fix, never silently replaced
                 print(f"warning: cached calibration artifact {found} is corrupt ({exc.reason}); recalibrating it",
-                      file=sys.stderr, flush=True)
+                      file=terminal(), flush=True)
             else:
                 method.load_artifact(artifact)
                 return {"key_hash": digest, "cached": str(found),

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 
+from bench.console import terminal
 from bench.fileutil import file_sha256, move_into_place, pid_alive
 
 MANIFEST = "bench-manifest.json"
@@ -80,7 +80,7 @@ def cached_dir(directory: Path, build: Callable[[Path], None]) -> Path:
         if reason is None:
             return directory
         if reason != "missing":
-            print(f"warning: cached {directory} failed verification ({reason}); rebuilding it", file=sys.stderr,
+            print(f"warning: cached {directory} failed verification ({reason}); rebuilding it", file=terminal(),
                   flush=True)
         remove_stale(directory)
         tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"

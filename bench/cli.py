@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the interleaved rounds per sweep point (rounds grow until CIs are within ±3%%)")
     p.add_argument("--results", default="results", help="results store directory (default results/)")
     p.add_argument("--force", action="store_true", help="recompute cells that are already complete")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars: only the summary and errors")
+    p.add_argument("--verbose", action="store_true",
+                   help="show what lm-eval, datasets and transformers print (default: appended to <results>/run.log)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a study file (configs/*.toml); options given here override it")
     p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
@@ -206,7 +208,7 @@ def cmd_run(args) -> int:
                        results=args.results, force=args.force, batch_size=args.batch_size,
                        ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len,
                        latency_repeats=args.latency_repeats, threads=args.threads, progress=not args.no_progress,
-                       executor=args.executor, ray_address=args.ray_address, slurm_partition=args.slurm_partition, latency_sweep=args.latency_sweep,
+                       verbose=args.verbose, executor=args.executor, ray_address=args.ray_address, slurm_partition=args.slurm_partition, latency_sweep=args.latency_sweep,
                        latency_grid=args.latency_grid, sweep_max_rounds=args.sweep_max_rounds,
                        calibration_seeds=args.calibration_seeds, **extra)
     if args.dry_run:

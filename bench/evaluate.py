@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
+from bench.console import terminal  # noqa: E402
 from bench.flops import RowFlops  # noqa: E402
 from bench.tasks import quiet_expected_lm_eval_messages  # noqa: E402
 from methods.base import scoring  # noqa: E402
@@ -255,8 +256,8 @@ class BenchLM(HFLM):
         self.engine.tokens += sum(len(it.input_ids) for it in items)
         results: list[tuple[float, bool] | None] = [None] * n
         start = time.perf_counter()
-        pbar = tqdm(total=n, desc=f"scoring ({self.engine.path})", disable=not self.progress or disable_tqdm,
-                    leave=False)
+        pbar = tqdm(total=n, desc=f"scoring ({self.engine.path})", disable=not self.progress,
+                    file=terminal(), leave=False)  # loglikelihood() hands disable_tqdm=True for lm-eval's own bar
         for forward, read, requests_in_forward in plan:
             tally = self.engine.flops
             tally.items += len(requests_in_forward)

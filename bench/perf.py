@@ -44,7 +44,7 @@ class PerfResult:
 def build_requests(task_names: list[str], limit: int) -> tuple[dict, list]:
     from bench.tasks import build_task_dict
 
-    task_dict = build_task_dict(task_names)
+    task_dict = build_task_dict(task_names, limit)
     requests = []
     for task in task_dict.values():
         task.build_all_requests(limit=limit, rank=0, world_size=1)

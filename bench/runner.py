@@ -5,11 +5,13 @@ skipped, so a killed run resumes where it stopped; --force recomputes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from bench.artifacts import ensure_calibrated
 from bench.budgets import sized_fields
+from bench.console import libraries_quiet, library_output_to
 from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS
 from bench.efficiency import CPU_GRID, GPU_GRID
 from bench.errors import BenchError
@@ -55,6 +58,7 @@ class RunConfig:
     measure_efficiency: bool = True
     measure_ppl: bool = True
     progress: bool = True
+    verbose: bool = False  # libraries' bars and messages on the terminal; otherwise appended to <results>/run.log
     latency_sweep: bool = False  # the latency-sweep unit (bench.units.latency) for every pruned method
     latency_grid: list[tuple[int, int]] | None = None  # (batch, seq_len) points; None: CPU_GRID or GPU_GRID
     sweep_max_rounds: int = 30
@@ -200,21 +204,27 @@ class Runner:
         """The cells of `self.plan[i]` for each i, in this process (loading the model if none was given)."""
         c = self.config
         torch.manual_seed(c.seed)
-        if self.model is None:
-            self.model, self.tokenizer = self.clock.timed("load model", lambda: load_model(c.model, c.device, c.dtype))
-        if not self.sized:
-            self.size_plan(self.model.config)
-        with cpu_threads(self.model, c.threads) as threads:
-            self.threads_used = threads
-            self.provenance = Provenance.current(c.model, self.model, c.seed, c.batch_size)
-            self.context = CellContext(self.model, self.tokenizer, self.tasks, c.limit, c.batch_size, c.progress)
-            if clean:
-                self.store.remove_stale()  # temporaries of killed runs
-            selected = [self.plan[i] for i in indices]
-            outer = tqdm(selected, desc="methods", disable=not c.progress)
-            for method in outer:
-                outer.set_postfix_str(f"{method.registry_name}@{method.sparsity:g}")
-                self.run_group(method)
+        with libraries_quiet(c.verbose):
+            if self.model is None:
+                self.model, self.tokenizer = self.clock.timed("load model",
+                                                              lambda: load_model(c.model, c.device, c.dtype))
+            if not self.sized:
+                self.size_plan(self.model.config)
+            with cpu_threads(self.model, c.threads) as threads:
+                self.threads_used = threads
+                self.provenance = Provenance.current(c.model, self.model, c.seed, c.batch_size)
+                log = None if c.verbose else Path(c.results) / "run.log"
+                self.context = CellContext(self.model, self.tokenizer, self.tasks, c.limit, c.batch_size, c.progress,
+                                           log=log)
+                if clean:
+                    self.store.remove_stale()  # temporaries of killed runs
+                selected = [self.plan[i] for i in indices]
+                outer = tqdm(selected, desc="methods", disable=not c.progress)
+                # --no-progress: a calibration's own bars go to the log too (warnings keep the terminal)
+                with contextlib.nullcontext() if c.progress else library_output_to(log):
+                    for method in outer:
+                        outer.set_postfix_str(f"{method.registry_name}@{method.sparsity:g}")
+                        self.run_group(method)
         return self.run_cells
 
     def run_group(self, method: Method) -> None:

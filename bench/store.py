@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock, Timeout
 
+from bench.console import terminal
 from bench.errors import BenchError
 from bench.fileutil import file_sha256, move_into_place, pid_alive
 
@@ -76,7 +76,7 @@ def _this_host() -> str:
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"warning: {message}", file=terminal(), flush=True)
 
 
 class Store:
@@ -131,7 +131,7 @@ class Store:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            print(f"[bench] cell {cell} is being computed by another process; waiting for it", file=sys.stderr,
+            print(f"[bench] cell {cell} is being computed by another process; waiting for it", file=terminal(),
                   flush=True)
             lock.acquire()
         try:

@@ -265,24 +265,32 @@ class _ProcessDocsOnce:
 
 @dataclass(frozen=True)
 class _LocalDataset:
-    """The config's `custom_dataset`: our docs as the one split lm-eval evaluates. lm-eval passes the config's
-    metadata as keyword arguments; they are unused. A dataclass, so results["configs"] records it as
-    {name, split}, the same in every run (a functools.partial would record a memory address)."""
+    """The config's `custom_dataset`: our docs as the one split lm-eval evaluates, only the first `limit` of them
+    when a run scores no more (lm-eval's `limit` takes the first items of the processed docs, and every built-in
+    process_docs here is a 1:1 map in order, which tests/test_tasks.py checks, so the items are the same; a 50-item
+    run no longer maps all 10,042 HellaSwag docs). lm-eval passes the config's metadata as keyword arguments; they
+    are unused. A dataclass, so results["configs"] records it as {name, split, limit}, the same in every run."""
 
     name: str
     split: str
+    limit: int | None = None
 
     def __call__(self, **_metadata: Any) -> Any:
         import datasets
 
-        return datasets.DatasetDict({self.split: datasets.Dataset.from_list(load_docs(self.name))})
+        docs = load_docs(self.name)
+        if self.limit is not None:
+            docs = docs[: self.limit]
+        return datasets.DatasetDict({self.split: datasets.Dataset.from_list(docs)})
 
     def __repr__(self) -> str:
-        return f"bench.tasks.load_docs({self.name!r}) as split {self.split!r}"
+        first = "" if self.limit is None else f"[:{self.limit}]"
+        return f"bench.tasks.load_docs({self.name!r}){first} as split {self.split!r}"
 
 
-def task_config(name: str) -> dict[str, Any]:
-    """The built-in config of `name` with only its dataset part replaced by our verified local docs."""
+def task_config(name: str, limit: int | None = None) -> dict[str, Any]:
+    """The built-in config of `name` with only its dataset part replaced by our verified local docs (the first
+    `limit` of them, when given)."""
     config = builtin_config(name)
     for structural_key in ("tag", "group", "task_list"):
         config.pop(structural_key, None)
@@ -292,7 +300,7 @@ def task_config(name: str) -> dict[str, Any]:
         dataset_path=f"bench/data/{name}",
         dataset_name=None,
         dataset_kwargs=None,
-        custom_dataset=_LocalDataset(name, split),
+        custom_dataset=_LocalDataset(name, split, limit),
         training_split=None,
         validation_split=None if config.get("test_split") else split,
         test_split=split if config.get("test_split") else None,
@@ -335,9 +343,10 @@ def quiet_expected_lm_eval_messages():
             logging.getLogger(name).removeFilter(keep)
 
 
-def build_task_dict(names: list[str]) -> dict[str, Any]:
-    """{name: lm_eval ConfigurableTask} for `lm_eval.evaluator.evaluate(lm=..., task_dict=...)`."""
+def build_task_dict(names: list[str], limit: int | None = None) -> dict[str, Any]:
+    """{name: lm_eval ConfigurableTask} for `lm_eval.evaluator.evaluate(lm=..., task_dict=..., limit=limit)`: with
+    a limit, each task holds only the docs it will score."""
     from lm_eval.api.task import ConfigurableTask
 
     with quiet_expected_lm_eval_messages():
-        return {name: ConfigurableTask(config=task_config(name)) for name in resolve_tasks(names)}
+        return {name: ConfigurableTask(config=task_config(name, limit)) for name in resolve_tasks(names)}

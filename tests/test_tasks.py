@@ -308,3 +308,16 @@ def test_only_expected_lm_eval_messages_are_dropped(caplog):
     assert "an unexpected lm-eval warning" in messages
     assert [m for m in messages if "aggregation is not" in m] == [
         "[Task: x] metric acc is defined, but aggregation is not. outside the filter"]
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_a_limited_task_holds_the_same_first_items(task_dict, name):
+    """build_task_dict(limit=k) loads only the first k docs: the same k items lm-eval's limit takes from the whole
+    set, because every process_docs is a 1:1 map in order (a filter or a reorder would fail here)."""
+    k = 7
+    limited = tasks.build_task_dict([name], limit=k)[name]
+    whole = task_dict[name]
+    assert len(limited.eval_docs) == k
+    assert len(whole.eval_docs) == SOURCE_NOTE_COUNTS[name]
+    assert [limited.eval_docs[i] for i in range(k)] == [whole.eval_docs[i] for i in range(k)]
+    assert built_requests(limited) == built_requests(whole, list(range(k)))

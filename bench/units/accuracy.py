@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.console import library_output_to
 from bench.matching import MatchResult, Workload
 from bench.units.context import CellContext, fits_lengths
 from methods import Method
@@ -21,7 +22,7 @@ def measure_accuracy(ctx: CellContext, method: Method, task: str, settings: dict
     if fits_lengths(method):
         pooled = [s for t in ctx.tasks for s in ctx.task_shapes(t, method.sequence_dependent)]
         match = ctx.fit(method, pooled)
-    task_dict = build_task_dict([task])
+    task_dict = build_task_dict([task], settings["limit"])
     with method.apply(ctx.model) as pruned:
         def on_workload(forwards) -> None:
             nonlocal match
@@ -32,8 +33,9 @@ def measure_accuracy(ctx: CellContext, method: Method, task: str, settings: dict
         lm = BenchLM(pruned, ctx.tokenizer, batch_size=ctx.batch_size,
                      sequence_dependent=method.sequence_dependent, progress=ctx.progress,
                      dense_flops=ctx.dense_flops, method_flops=method.executed_flops, on_workload=on_workload)
-        out = evaluate(lm=lm, task_dict=task_dict, limit=settings["limit"], log_samples=True,
-                       bootstrap_iters=1000, verbosity="ERROR")
+        with library_output_to(ctx.log):
+            out = evaluate(lm=lm, task_dict=task_dict, limit=settings["limit"], log_samples=True,
+                           bootstrap_iters=1000, verbosity="ERROR")
     tally = lm.engine.flops
     base = {"task": task, "limit": settings["limit"], **ctx.match_columns(match, tally.sparsity)}
     result = out["results"][task]

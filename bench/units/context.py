@@ -6,10 +6,12 @@ here knows about the store, cells or executors."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.console import library_output_to
 from bench.matching import MatchResult, Workload, is_matched, solve_knob
 from methods import Method
 
@@ -28,6 +30,7 @@ class CellContext:
     batch_size: int = 16
     progress: bool = True
     dense_layers: int = 0  # the dense model's decoder layers (a method may remove some while it is applied)
+    log: Path | None = None  # where lm-eval's own output goes (bench.console); None: the terminal (--verbose)
     _shapes: dict[tuple[str, bool], list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     _dense_ppl: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
@@ -56,8 +59,9 @@ class CellContext:
         if key not in self._shapes:
             lm = BenchLM(self.model, self.tokenizer, batch_size=self.batch_size,
                          sequence_dependent=sequence_dependent, progress=False, plan_only=True)
-            evaluate(lm=lm, task_dict=build_task_dict([task]), limit=self.limit, bootstrap_iters=0,
-                     verbosity="ERROR")
+            with library_output_to(self.log):
+                evaluate(lm=lm, task_dict=build_task_dict([task], self.limit), limit=self.limit,
+                         bootstrap_iters=0, verbosity="ERROR")
             self._shapes[key] = [f.shape for f in lm.workload]
         return self._shapes[key]
 
