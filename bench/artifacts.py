@@ -25,6 +25,8 @@ from bench.calibration import SOURCES, load_calibration
 from bench.console import terminal
 from bench.datafiles import manifest
 from bench.errors import BenchError
+from bench.fileutil import json_digest as key_hash
+from bench.fileutil import move_into_place
 from bench.paths import REPO_ROOT, cache_dir
 from methods.base import Method
 
@@ -60,10 +62,6 @@ def artifact_key(model_id: str, method: Method, settings: CalibrationSettings) -
     }
 
 
-def key_hash(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _entry_name(method: Method, digest: str) -> str:
     return f"{type(method).name}-{digest}"
 
@@ -88,9 +86,7 @@ def save_artifact(directory: Path, key: dict[str, Any], artifact: dict[str, Any]
     meta = {"key": key, "values": values, "tensors": sorted(tensors), "calibration_seconds": round(seconds, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "content_sha256": _content_sha256(values, tensor_file)}
     (tmp / _META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    move_into_place(tmp, directory, directory.with_name(f".old-{directory.name}-{os.getpid()}"))
 
 
 class CorruptArtifact(BenchError):

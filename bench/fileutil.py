@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+
+def json_digest(obj: Any) -> str:
+    """16 hex digits of the sha256 of `obj` as sorted JSON: the name of a results cell (its identity) and of a
+    calibration artifact (its key)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:

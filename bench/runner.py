@@ -23,10 +23,11 @@ from bench.console import libraries_quiet, library_output_to
 from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS
 from bench.efficiency import CPU_GRID, GPU_GRID
 from bench.errors import BenchError
+from bench.fileutil import json_digest as cell_hash
 from bench.matching import PROTOCOL
 from bench.models import adds_bos, cpu_threads, load_model, validate_model_name
 from bench.provenance import BENCH_VERSION, Provenance
-from bench.store import Store, cell_hash
+from bench.store import Store
 from bench.study import give_calibration, model_shape, overrides_for
 from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
 from methods import Method, MethodConfigError, make_method, method_class

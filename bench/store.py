@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import os
 import platform
@@ -53,10 +52,6 @@ TIMING_METRICS = frozenset(
     | {f"{name}{end}" for name in ("prefill_speedup", "decode_speedup", "control_speedup")
        for end in ("", "_lo", "_hi")})
 NON_TASK_UNITS = ("wikitext2", "efficiency", "determinism", "latency_sweep")  # units without per-item samples
-
-
-def cell_hash(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _owner_pid(name: str) -> int | None:

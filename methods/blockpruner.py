@@ -266,10 +266,6 @@ def block_of(position: int) -> Block:
     return (BLOCK_KINDS[kind], layer)
 
 
-def position_of(block: Block) -> int:
-    return 2 * block[1] + BLOCK_KINDS.index(block[0])
-
-
 def _prefix_states(runner: _SubBlockRunner, removed: set[int]) -> list[torch.Tensor]:
     """states[s] = hidden state entering block s under the removed set (states[-1] = the final one)."""
     states = [runner.embeddings]

@@ -22,6 +22,12 @@ import torch
 from torch import nn
 
 
+def gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor [1 or batch, n, ...] → [batch, k, ...] at `index` [batch, k] along dim 1 (a batch-1 tensor, e.g. the
+    rotary tables, is broadcast over the rows)."""
+    tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
+    return tensor.gather(1, index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
+
 def sliding_window(layer: nn.Module) -> int | None:
     """The attention window of a decoder layer (a key is seen when q − k < window), None for full attention.
 

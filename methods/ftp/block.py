@@ -38,7 +38,7 @@ from methods.ftp.router import (
     topk_compute_mask,
 )
 from methods.token_noise import token_noise
-from methods.token_subsets import KeyPositions, additive_mask, sliding_window, visible_keys
+from methods.token_subsets import KeyPositions, additive_mask, gather_tokens, sliding_window, visible_keys
 
 ROUTERS = ("learned", "static", "random")
 SELECTIONS = ("argmax", "topk")
@@ -425,7 +425,7 @@ class RoutedDecoderLayer(nn.Module):
         ctl = self.controller
         batch, count = index.shape
         sub_call, positions = self._sub_call(call, hidden, index)
-        out_sub, received = self._received(_take(hidden, index), self._subset_mask(positions, call, hidden.dtype),
+        out_sub, received = self._received(gather_tokens(hidden, index), self._subset_mask(positions, call, hidden.dtype),
                                            sub_call, need)
         out = hidden.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), out_sub)
         if need:
@@ -448,7 +448,7 @@ class RoutedDecoderLayer(nn.Module):
         index = order[:, :width].clamp(max=length - 1)
         sub_call, positions = self._sub_call(call, hidden, index)
         mask = self._subset_mask(positions, call, hidden.dtype, slot_valid)
-        out_sub, received = self._received(_take(hidden, index), mask, sub_call, need, slot_valid)
+        out_sub, received = self._received(gather_tokens(hidden, index), mask, sub_call, need, slot_valid)
         trash = torch.where(slot_valid, index, length)  # padding slots scatter into one extra, dropped position
         wide = torch.cat([hidden, hidden.new_zeros(batch, 1, hidden.shape[-1])], dim=1)
         out = wide.scatter(1, trash[..., None].expand(-1, -1, hidden.shape[-1]), out_sub)[:, :length]
@@ -462,7 +462,7 @@ class RoutedDecoderLayer(nn.Module):
         """The layer's call for the gathered rows: their RoPE tables and original positions."""
         cos, sin = call["position_embeddings"]
         sub_call = dict(call)
-        sub_call["position_embeddings"] = (_take(cos, index), _take(sin, index))
+        sub_call["position_embeddings"] = (gather_tokens(cos, index), gather_tokens(sin, index))
         positions = _positions(call, hidden).expand(index.shape[0], -1).gather(1, index)
         sub_call["position_ids"] = positions
         return sub_call, positions
@@ -528,12 +528,6 @@ def _positions(call: dict, hidden: torch.Tensor) -> torch.Tensor:
     if positions is None:
         positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
     return positions
-
-
-def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """tensor[b, index[b]] along dim 1, broadcasting a batch-1 tensor (position embeddings) over the rows."""
-    expanded = tensor.expand(index.shape[0], *tensor.shape[1:])
-    return expanded.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
 
 
 @contextmanager

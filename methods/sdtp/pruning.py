@@ -19,7 +19,7 @@ from torch import nn
 from methods.base import MethodConfigError, current_scoring
 from methods.flop_coefficients import LayerFlopCoefficients
 from methods.token_noise import token_noise
-from methods.token_subsets import KeyPositions, additive_mask, sliding_window, visible_keys
+from methods.token_subsets import KeyPositions, additive_mask, gather_tokens, sliding_window, visible_keys
 
 # Attention kernels for which `attention_mask=None` means plain causal attention during prefill.
 _IS_CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -264,7 +264,7 @@ class PruningRuntime:
         self.protected = self.protected.gather(1, local) & valid
         self.slot_valid = valid if padded else None
         self.gathered_rope, self.masks = {}, {}
-        return _gather_rows(hidden_states, local)
+        return gather_tokens(hidden_states, local)
 
     def _present(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[batch] tokens each row holds now (its slots that are not padding)."""
@@ -277,7 +277,7 @@ class PruningRuntime:
         key = id(full[0])
         if key not in self.gathered_rope:
             positions = self.kept.clamp(max=self.seq_len - 1)
-            self.gathered_rope[key] = (_gather_rows(full[0], positions), _gather_rows(full[1], positions))
+            self.gathered_rope[key] = (gather_tokens(full[0], positions), gather_tokens(full[1], positions))
         return self.gathered_rope[key]
 
     def layer_mask(self, layer: nn.Module, hidden_states: torch.Tensor, past_key_values) -> torch.Tensor | None:
@@ -324,12 +324,6 @@ class PruningRuntime:
         self.stats.analytic_executed_flops += self.predictor_flops_per_token * int(sum(n.sum() for n in
                                                                                        self.rows_per_stage))
         self.stats.analytic_dense_flops += self.num_layers * sum(coeff.layer(int(c)) for c in self.lengths.tolist())
-
-
-def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """tensor [1 or batch, n, ...] → [batch, k, ...] at `index` [batch, k]."""
-    tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
-    return tensor.gather(1, index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
 
 
 def valid_tokens(attention_mask, seq_len: int, window: int | None) -> torch.Tensor | None:
