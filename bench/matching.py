@@ -1,6 +1,6 @@
 """The matching protocol: every comparison at equal compute on the inputs actually scored.
 
-One rule per kind of method (README, "Matching"):
+One rule per kind of method (docs/matching.md):
 
 - Input-dependent methods (token routing and dropping: FTP and its variants, SDTP) expose a `Knob`. Before a unit is
   scored, the knob is solved on that unit's own forwards (exactly as they will be evaluated; inputs only, never

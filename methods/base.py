@@ -191,7 +191,7 @@ class Method:
         """Turn `model` into the pruned model in place; restore the dense model on exit."""
         yield model
 
-    # -- matching (the harness's protocol, README "What is measured") ----------------------------------------
+    # -- matching (the harness's protocol, docs/matching.md) ----------------------------------------
     def knob(self, config) -> Knob | None:
         """Input-dependent methods: the knob the harness solves on each unit's inputs. None: c does not depend on
         the inputs' content (layer and block removal)."""

@@ -1,4 +1,4 @@
-"""Print the README's table of bad inputs: each case of tests/bad_inputs.py replayed, with the line bench answers.
+"""Print docs/robustness.md's table of bad inputs: each case of tests/bad_inputs.py replayed, with the line bench answers.
 
     python scripts/bad_inputs_table.py > /tmp/table.md
 """

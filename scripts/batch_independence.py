@@ -1,5 +1,5 @@
 """Do a method's per-item log-likelihoods depend on the batch size? Compares two result stores of the same study
-run with different `--batch-size` (README, "Matching"):
+run with different `--batch-size` (docs/matching.md):
 
     python -m bench run --methods sdtp --tasks piqa,openbookqa,arc_easy --limit 100 --batch-size 16 --results A
     python -m bench run --methods sdtp --tasks piqa,openbookqa,arc_easy --limit 100 --batch-size 1 --results B

@@ -1,7 +1,7 @@
 """FTP's learned router against its static teacher at the lengths it routes: the 12 held-out 512-token rescale windows
 cut into N-token rows (at most 48), each router's schedule scale solved to put its own c on the target at that
 length, and the paired 95% interval of learned − static over the rows. The task requests the study scores average
-32-43 tokens (README, "At the lengths the tasks score"). Read-only: it evaluates an artifact, or a router saved by `ftp_router_trial.py --save`, and trains nothing.
+32-43 tokens (docs/experiments/ftp-router.md, "At the lengths the tasks score"). Read-only: it evaluates an artifact, or a router saved by `ftp_router_trial.py --save`, and trains nothing.
 
     python scripts/ftp_lengths.py [ARTIFACT_DIR] [--lengths 32,64,128,512] [--router PATH] [field=value ...]
 

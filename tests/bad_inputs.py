@@ -1,5 +1,5 @@
 """Every bad input of issue 17 as a replayable case: what the user does, and the one line bench answers with.
-tests/test_bad_inputs.py checks each case; scripts/bad_inputs_table.py prints them as the README's table.
+tests/test_bad_inputs.py checks each case; scripts/bad_inputs_table.py prints them as docs/robustness.md's table.
 
 A case runs in this process in a scratch directory and returns (exit code, stderr): CLI cases through
 `bench.cli.main`, damaged-cache cases through the function a run calls, with a BenchError shown as the CLI
@@ -25,7 +25,7 @@ from methods.base import Method
 @dataclass(frozen=True)
 class Case:
     name: str  # test id
-    what: str  # the input, as the README table shows it
+    what: str  # the input, as docs/robustness.md's table shows it
     run: Callable[[Path], tuple[int, str]]
     expected: str  # in the one line of stderr
     code: int = 2  # 2: refused with the fix; 0: recovered (one warning line)

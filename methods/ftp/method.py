@@ -142,7 +142,7 @@ class FTP(Method):
     selection: str = "argmax"  # "argmax" (the paper's rule) or "topk" (exact budgets ⌈(1 - s_i)·N⌉)
     position_input: bool = True
     # "log": log(1 + j)/log(1 + N) (ours); "linear": j/N (methods.md's default); "root": (j/N)^(1/4), which keeps
-    # the static rule's boundary at every length (README: tried on three seeds, not the default)
+    # the static rule's boundary at every length (docs/experiments/ftp-router.md: tried on three seeds, not the default)
     position_scale: str = "log"
     sparsity_input: bool = True
     router_hidden: int = 64
@@ -168,7 +168,7 @@ class FTP(Method):
     warm_start_smoothing: float = 0.05
     warm_start_rounds: int = 2
     warm_start_logit_bce: bool = True  # stable BCE from logits (methods.ftp.training.weighted_bce); False: the
-    # probability form, which the earlier artifacts used (README)
+    # probability form, which the earlier artifacts used (docs/experiments/ftp-router.md)
     train_sequences: int | None = None
     train_seq_len: int | None = None
     # each training window is cut to a length drawn from [train_min_seq_len, train_seq_len]
@@ -194,7 +194,7 @@ class FTP(Method):
     selection_seq_len: int | None = None  # model-selection window length (None: fitness_seq_len)
     # each candidate router is scored at a schedule scale that puts its c within ±selection_tolerance of the
     # target (up to 6 solver steps, 12 when tighter); near c = 0.25 one unit of c is worth ~9-12 nats, so ±0.01
-    # lets a candidate that lands low win by up to ~0.1 nats (README)
+    # lets a candidate that lands low win by up to ~0.1 nats (docs/experiments/ftp-router.md)
     selection_tolerance: float = 0.002
     # matching the target
     rescale_windows: int | None = None
@@ -420,7 +420,7 @@ class FTP(Method):
         learned_policy = ctl.policy
         ctl.policy = self.policy(schedule, kind="static")
         # matched to ±0.0005: near c = 0.25 the static router's loss moves ~9-12 nats per unit c, so the ±0.002
-        # the committed artifacts used could move the difference by up to ~0.02 (README)
+        # the committed artifacts used could move the difference by up to ~0.02 (docs/experiments/ftp-router.md)
         static = solve_scale(model, ctl, schedule, windows, measured["compute_sparsity"], 0.0005,
                              max(20, self.rescale_iterations), self.max_block_sparsity, with_loss=True)
         ctl.policy = learned_policy

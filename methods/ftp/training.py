@@ -30,7 +30,7 @@ the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper lea
 In steps 1 and 2 each window is cut to a length drawn from [min_window, full] (`training_window`; `FTP`'s presets set
 `train_min_seq_len`), so the router meets the range of attention scores that inference shows: the attention-score
 input is a sum over queries and grows with the length, and a router fitted on one length skipped the attention
-sink at longer ones (README)."""
+sink at longer ones (docs/experiments/ftp-router.md)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def weighted_guide_loss(sim, valid: torch.Tensor, config: TrainConfig) -> torch.
     every (valid token, routed block) of the forward, each example weighted by 1 + the attention its token receives
     (÷ their mean) and the targets smoothed, as `warm_start` fits them, so joint training starts at the minimum of
     its own guide term (the plain `guide_loss` is unweighted and unsmoothed: the attention sink's one example per
-    row and block weighs little in it). Measured on seed 0 (README), the first joint steps still dropped the sink
+    row and block weighs little in it). Measured on seed 0 (docs/experiments/ftp-router.md), the first joint steps still dropped the sink
     in some blocks with it: the guide's form is not what pulls the router off its warm start."""
     blocks = list(sim.logits)
     if not blocks:
