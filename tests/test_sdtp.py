@@ -17,6 +17,7 @@ from methods.sdtp.pruning import select_kept
 from methods.sdtp.training import (
     MASKED_ATTENTION,
     PruningPlan,
+    pairwise_agreement,
     ranking_loss,
     simulated_forward,
     token_saliency,
@@ -289,6 +290,30 @@ def test_calibrate_trains_reproducibly(model):
     method.load_artifact(first)
     _, real = kept_positions(model, method, prompt(seq_len=48))
     assert 0 < int(real.sum()) < 48
+
+
+def test_pairwise_agreement_is_one_zero_and_a_half_on_known_orders():
+    saliency = torch.tensor([[0.1, 0.5, 0.3, 0.9]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    assert pairwise_agreement(saliency * 2, saliency, valid) == (1.0, 6)
+    assert pairwise_agreement(-saliency, saliency, valid) == (0.0, 6)
+    assert pairwise_agreement(torch.zeros(1, 4), saliency, valid) == (0.5, 6)
+    only_two = torch.tensor([[True, True, False, False]])
+    assert pairwise_agreement(torch.tensor([[1.0, 0.0, 5.0, 5.0]]), saliency, only_two) == (0.0, 1)
+
+
+def test_calibration_records_the_heldout_ranking_accuracy(model):
+    """Rows past train_sequences are held out: the artifact says how well each stage's predictor orders their
+    tokens against the gradient saliency; with every row trained on there is nothing to say."""
+    calibration = CalibrationSet.from_tensor(prompt(seq_len=48, batch=6, seed=7), "tiny")
+    method = SDTP(sparsity=0.3, first_stage_layer=2, stage_interval=2, train_sequences=4, train_seq_len=32,
+                  progress=False)
+    artifact = method.calibrate(model, None, calibration)
+    assert artifact["heldout_rows"] == 2 and len(artifact["heldout_rank_accuracy"]) == len(STAGES)
+    assert all(0.0 <= a <= 1.0 for a in artifact["heldout_rank_accuracy"])
+    every_row = SDTP(sparsity=0.3, first_stage_layer=2, stage_interval=2, train_sequences=6, train_seq_len=32,
+                     progress=False).calibrate(model, None, calibration)
+    assert "heldout_rank_accuracy" not in every_row
 
 
 def test_batch_rows_match_single_rows(model):

@@ -34,6 +34,7 @@ from methods.base import CalibrationSet, Knob, Method, MethodConfigError, Method
 from methods.flop_coefficients import LayerFlopCoefficients
 from methods.sdtp.pruning import PruningRuntime, PruningStats, SaliencyPredictor, SDTPLayer
 
+HELDOUT_ROWS = 32  # calibration rows (the last ones, never trained on) the predictors' ranking is checked on
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"train_sequences": 450, "train_seq_len": 256, "epochs": 1, "learning_rate": 1e-3},
     "paper": {"train_sequences": None, "train_seq_len": 512, "epochs": 2, "learning_rate": 1e-4},
@@ -259,7 +260,21 @@ class SDTP(Method):
         losses = {k: round(v, 6) for k, v in summary.items() if k.endswith("_loss")}
         return self.predictors_to_artifact(config, predictors, {
             "training_sequences": int(rows.shape[0]), "training_seq_len": int(rows.shape[1]),
-            "training_steps": int(summary["steps"]), **losses})
+            "training_steps": int(summary["steps"]), **losses,
+            **self.heldout_ranking(model, predictors, calibration, len(rows), plan)})
+
+    def heldout_ranking(self, model, predictors, calibration: CalibrationSet, trained_rows: int,
+                        plan) -> dict[str, Any]:
+        """The predictors' pairwise order agreement with the gradient saliency per stage (0.5: chance), on the
+        last HELDOUT_ROWS calibration rows, which training did not see; empty when every row was trained on."""
+        from methods.sdtp.training import ranking_accuracy
+
+        held = min(HELDOUT_ROWS, len(calibration.input_ids) - trained_rows)
+        if held < 1:
+            return {}
+        rows = calibration.input_ids[-held:, : self.train_seq_len]
+        accuracy = ranking_accuracy(model, predictors, rows, plan)
+        return {"heldout_rank_accuracy": [round(a, 4) for a in accuracy], "heldout_rows": int(held)}
 
     def load_predictors(self, config) -> dict[int, SaliencyPredictor]:
         artifact = self.artifact

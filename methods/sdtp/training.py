@@ -248,3 +248,42 @@ def _step_losses(model, predictors, ids, saliency, plan, generator, tau) -> tupl
     logits = model.lm_head(hidden).float()
     cls = F.cross_entropy(logits, ids[:, 1:][predicting])
     return cls, mse, ranking
+
+
+def pairwise_agreement(scores: torch.Tensor, saliency: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
+    """(share of token pairs the scores order as the saliency does, number of pairs): over pairs i<j of valid
+    tokens with different saliency; a tie in the scores counts one half. 0.5 is a random ranking."""
+    sign_true = torch.sign(saliency[:, :, None] - saliency[:, None, :])
+    sign_pred = torch.sign(scores[:, :, None] - scores[:, None, :])
+    n = scores.shape[1]
+    pairs = (sign_true != 0) & torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+    pairs &= valid[:, :, None] & valid[:, None, :]
+    agree = (sign_pred == sign_true).float() + 0.5 * (sign_pred == 0).float()
+    count = int(pairs.sum())
+    return (float(agree[pairs].sum()) / count if count else float("nan")), count
+
+
+def ranking_accuracy(model, predictors: dict[int, SaliencyPredictor], input_ids: torch.Tensor,
+                     plan: PruningPlan) -> list[float]:
+    """Per stage, the predictor's pairwise order agreement with the gradient saliency (`token_saliency`, the
+    training target) over the tokens present at that stage, pooled over the rows of `input_ids` (rows the
+    predictors were not trained on), in the decisions of inference (no Gumbel noise)."""
+    device = next(model.parameters()).device
+    agreed = [0.0] * len(plan.stage_layers)
+    counted = [0] * len(plan.stage_layers)
+    original_attention = model.config._attn_implementation
+    model.set_attn_implementation(MASKED_ATTENTION)
+    try:
+        for row in range(len(input_ids)):
+            ids = input_ids[row: row + 1].to(device)
+            saliency = token_saliency(model, ids, list(plan.stage_layers))
+            with torch.no_grad():
+                sim = simulated_forward(model, predictors, ids, plan)
+            for stage, (scores, present) in enumerate(zip(sim.stage_scores, sim.stage_eligible, strict=True)):
+                share, count = pairwise_agreement(scores.float(), saliency[stage], present)
+                if count:
+                    agreed[stage] += share * count
+                    counted[stage] += count
+    finally:
+        model.set_attn_implementation(original_attention)
+    return [a / c if c else float("nan") for a, c in zip(agreed, counted, strict=True)]
