@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.power import format_power, study_power  # noqa: E402
 from bench.store import Store  # noqa: E402
 from bench.summary import (  # noqa: E402
     accuracy_rows,
@@ -313,6 +314,48 @@ def what_is_real(summary: pd.DataFrame, pairwise: pd.DataFrame) -> list[str]:
     return lines
 
 
+# The questions users bring (issue 34): (A, B, margin, what it says). A claim with a margin is confirmed when the
+# difference's 95% CI lies above it and refuted when the CI excludes it; with no margin ("A beats B") it is
+# confirmed or refuted by a Holm-significant difference one way or the other.
+CLAIMS: tuple[tuple[str, str, float, str], ...] = (
+    ("ftp", "shortgpt", 0.10, "the FTP paper: FTP keeps ≥ 10 points more retention than ShortGPT"),
+    ("ftp", "blockpruner", 0.10, "the FTP paper: FTP keeps ≥ 10 points more retention than BlockPruner"),
+    ("ftp", "ftp-static", 0.0, "FTP's learned router beats its static teacher"),
+    ("ftp", "ftp-random", 0.0, "FTP's learned router beats random token choice at its schedule"),
+    ("sdtp", "sdtp-random", 0.0, "SDTP's saliency predictor beats random tokens at the same budgets"),
+    ("shortgpt", "tail", 0.0, "Block Influence (ShortGPT) beats removing the last layers"),
+)
+
+
+def the_claims(pairwise: pd.DataFrame) -> list[str]:
+    """One sentence per claim in CLAIMS whose two methods the store compares (per model, target, device, dtype):
+    the difference A − B with its CI and Holm p, and confirmed / refuted / open at this resolution."""
+    lines = []
+    if pairwise.empty:
+        return lines
+    several = pairwise[["device", "dtype"]].drop_duplicates().shape[0] > 1
+    for (model, device, dtype, target), same in pairwise.groupby(["model", "device", "dtype", "target"], sort=True):
+        where = f"{model}{f' ({device}, {dtype})' if several else ''} at c = {target:g}"
+        for a, b, margin, claim in CLAIMS:
+            row = same[((same["a"] == a) & (same["b"] == b)) | ((same["a"] == b) & (same["b"] == a))]
+            if row.empty:
+                continue
+            r = row.iloc[0]
+            sign = 1.0 if r["a"] == a else -1.0
+            diff, lo, hi = sign * r["retention_a_minus_b"], *sorted((sign * r["lo"], sign * r["hi"]))
+            if margin > 0:
+                verdict = ("confirmed (the CI lies above it)" if lo > margin else
+                           f"refuted (the CI excludes +{100 * margin:.0f})" if hi < margin else
+                           f"open (the CI holds +{100 * margin:.0f})")
+            else:
+                verdict = ("confirmed (Holm-significant)" if r["significant"] and diff > 0 else
+                           "refuted (the reverse is Holm-significant)" if r["significant"] else
+                           "open (not significant after Holm)")
+            lines.append(f"{where}: {claim}: {a} − {b} = {100 * diff:+.1f} points "
+                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}], Holm p {r['p_holm']:.3f}: {verdict}.")
+    return lines
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
@@ -342,6 +385,8 @@ def write_report(results: str, out: str) -> list[Path]:
     pairwise = pairwise_differences(rows, store)
     tables = paper_tables(rows, summary, pairwise)
     real = what_is_real(summary, pairwise)
+    claims = the_claims(pairwise)
+    power_text = format_power(study_power(rows, store))
     at_targets = retention_at_targets(summary)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -394,7 +439,8 @@ def write_report(results: str, out: str) -> list[Path]:
                           format_unmatched(unmatched_cells(mine[mine["method"] != "dense"])),
                           format_pairwise(pairwise[pairwise["model"] == model] if len(pairwise) else pairwise)))
     markdown = ["# Pruning benchmark report", "", intro, "", "## What is real", "", *[f"- {x}" for x in real], "",
-                "## Definitions", "", definitions, ""]
+                "## The claims", "", *([f"- {x}" for x in claims] or ["(none of the claimed pairs is in this store)"]),
+                "", "## Resolution", "", power_text, "", "## Definitions", "", definitions, ""]
     for model, model_tables, summary_text, at_text, unmatched_text, pairwise_text in per_model:
         markdown += [f"## {model}", "", "### Paper-style table", "", "```", format_text(model_tables), "```", "",
                      "### Summary", "", "```", summary_text, "```", "", "### Retention at each target c", "", "```",
@@ -408,7 +454,9 @@ def write_report(results: str, out: str) -> list[Path]:
 
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>Pruning benchmark report</title>",
             f"<style>{CSS}</style></head><body><h1>Pruning benchmark report</h1>", f"<p>{html.escape(intro)}</p>",
-            "<h2>What is real</h2><ul>", *[f"<li>{html.escape(x)}</li>" for x in real], "</ul>"]
+            "<h2>What is real</h2><ul>", *[f"<li>{html.escape(x)}</li>" for x in real], "</ul>",
+            "<h2>The claims</h2><ul>", *[f"<li>{html.escape(x)}</li>" for x in claims], "</ul>",
+            "<h2>Resolution</h2>", f"<p>{html.escape(power_text)}</p>"]
     for model, model_tables, summary_text, at_text, unmatched_text, pairwise_text in per_model:
         page += [f"<h2>{html.escape(model)}</h2>", *[_html_table(t) for t in model_tables],
                  "<h3>Summary</h3>", _pre(summary_text), "<h3>Retention at each target c</h3>", _pre(at_text), "<h3>Method against method</h3>",

@@ -50,7 +50,8 @@ def test_report_has_a_section_and_a_panel_per_model(two_model_store, tmp_path):
     page = (out / "report.html").read_text()
     for model in MODELS:
         assert f"## {model}" in markdown and f"<h2>{model}</h2>" in page
-    assert "## What is real" in markdown and markdown.count(" at c = 0.25:") == 2
+    assert "## What is real" in markdown and markdown.split("## The claims")[0].count(" at c = 0.25:") == 2
+    assert "## Resolution" in markdown  # the power line per model and target (bench.power)
     assert markdown.count("### Retention at each target c") == 2 and page.count("<h3>Retention at each target c") == 2
     images = re.findall(r"src='data:image/png;base64,", page)
     pngs = sorted(p.name for p in out.glob("*.png"))
