@@ -49,11 +49,8 @@ def library_output_to(log: Path | None) -> Iterator[None]:
     if log is None:
         yield
         return
-    from lm_eval.utils import setup_logging
-
-    # lm-eval binds its one handler to sys.stderr the first time it configures logging: do that here, on the
-    # terminal (at ERROR, what bench's evaluate calls ask for), so it never holds the log file after it is closed
-    setup_logging(logging.ERROR)
+    # lm-eval's own handler exists only once its setup_logging ran (its CLI and simple_evaluate; bench calls
+    # neither): its records reach the handler added here and propagate as before (pytest's caplog sees them)
     log.parent.mkdir(parents=True, exist_ok=True)
     lm_eval_logger = logging.getLogger("lm_eval")
     with open(log, "a", encoding="utf-8") as stream:

@@ -125,6 +125,8 @@ def study_power(rows: pd.DataFrame, store: Store, power: float = 0.8, alpha: flo
         if not ses:
             continue
         se = float(np.median(ses))
+        if not math.isfinite(se):  # no finite draw (e.g. a cell without its per-item samples): nothing to say
+            continue
         n_items = int(np.median(group.groupby("task")["n"].max())) if "n" in group else int(limit)
         mde = z * se
         out.append(StudyPower(str(model), float(target), int(group["task"].nunique()), n_items, pairs, se, mde,
