@@ -22,7 +22,6 @@ from bench.artifacts import COMMITTED_DIR, _content_sha256, load_artifact_dir  #
 from bench.calibration import load_calibration  # noqa: E402
 from bench.models import load_model  # noqa: E402
 from methods import make_method  # noqa: E402
-from methods.sdtp.training import PruningPlan  # noqa: E402
 
 
 def main() -> None:
@@ -44,11 +43,8 @@ def main() -> None:
         method.load_artifact(artifact)
         c = key["calibration"]  # the calibration text the artifact was trained on, as its key records it
         calibration = load_calibration(tokenizer, c["n_samples"], c["seq_len"], c["seed"], c["source"])
-        predictors = method.load_predictors(model.config)
-        plan = PruningPlan(tuple(sorted(predictors)), method.resolved_keep_ratio(model.config),
-                           method.protect_first, method.protect_last_fraction)
         trained = min(method.train_sequences or len(calibration.input_ids), len(calibration.input_ids))
-        extra = method.heldout_ranking(model, predictors, calibration, trained, plan)
+        extra = method.heldout_ranking(model, method.load_predictors(model.config), calibration, trained)
         print(f"{entry.name} ({model_id}, c = {key['fields'].get('sparsity')}): {extra}")
         meta["values"].update(extra)
         tensors = entry / "tensors.safetensors"

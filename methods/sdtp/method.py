@@ -244,14 +244,13 @@ class SDTP(Method):
         return artifact
 
     def calibrate(self, model, tokenizer, calibration: CalibrationSet) -> dict[str, Any]:
-        from methods.sdtp.training import PruningPlan, TrainingSettings, train_predictors
+        from methods.sdtp.training import TrainingSettings, train_predictors
 
         config = model.config
         device = next(model.parameters()).device
         predictors = {layer: p.to(device) for layer, p in self.new_predictors(config).items()}
         rows = calibration.input_ids[: self.train_sequences, : self.train_seq_len]
-        plan = PruningPlan(tuple(sorted(predictors)), self.resolved_keep_ratio(config), self.protect_first,
-                           self.protect_last_fraction)
+        plan = self.pruning_plan(config)
         settings = TrainingSettings(epochs=self.epochs, learning_rate=self.learning_rate,
                                     weight_decay=self.weight_decay, tau=self.gumbel_tau, seed=self.seed,
                                     progress=self.progress)
@@ -261,10 +260,16 @@ class SDTP(Method):
         return self.predictors_to_artifact(config, predictors, {
             "training_sequences": int(rows.shape[0]), "training_seq_len": int(rows.shape[1]),
             "training_steps": int(summary["steps"]), **losses,
-            **self.heldout_ranking(model, predictors, calibration, len(rows), plan)})
+            **self.heldout_ranking(model, predictors, calibration, len(rows))})
 
-    def heldout_ranking(self, model, predictors, calibration: CalibrationSet, trained_rows: int,
-                        plan) -> dict[str, Any]:
+    def pruning_plan(self, config):
+        """The stages, keep ratio and protected positions training and the held-out check share."""
+        from methods.sdtp.training import PruningPlan
+
+        return PruningPlan(tuple(self.stages(config.num_hidden_layers)), self.resolved_keep_ratio(config),
+                           self.protect_first, self.protect_last_fraction)
+
+    def heldout_ranking(self, model, predictors, calibration: CalibrationSet, trained_rows: int) -> dict[str, Any]:
         """The predictors' pairwise order agreement with the gradient saliency per stage (0.5: chance), on the
         last HELDOUT_ROWS calibration rows, which training did not see; empty when every row was trained on."""
         from methods.sdtp.training import ranking_accuracy
@@ -273,7 +278,7 @@ class SDTP(Method):
         if held < 1:
             return {}
         rows = calibration.input_ids[-held:, : self.train_seq_len]
-        accuracy = ranking_accuracy(model, predictors, rows, plan)
+        accuracy = ranking_accuracy(model, predictors, rows, self.pruning_plan(model.config))
         return {"heldout_rank_accuracy": [round(a, 4) for a in accuracy], "heldout_rows": int(held)}
 
     def load_predictors(self, config) -> dict[int, SaliencyPredictor]:
@@ -308,7 +313,7 @@ class SDTP(Method):
         runtime = self._runtime = PruningRuntime(
             stages, self.resolved_keep_ratio(config), config.num_hidden_layers, self.protect_first,
             self.protect_last_fraction, LayerFlopCoefficients.from_config(config),
-            0 if random_scores else next(iter(predictors.values())).flops_per_token(),
+            self.predictor_flops(config),
             random_seed=self.seed if random_scores else None)
         originals = {index: layers[index] for index in range(stages[0], config.num_hidden_layers)}
 

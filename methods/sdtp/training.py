@@ -54,15 +54,21 @@ def masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 AttentionInterface.register(MASKED_ATTENTION, masked_attention)
 
 
+def _ranked_pairs(saliency: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sign(π̂_i − π̂_j), the pairs i<j of valid tokens with different saliency) as [batch, N, N] tensors."""
+    sign = torch.sign(saliency[:, :, None] - saliency[:, None, :])
+    n = saliency.shape[1]
+    pairs = (sign != 0) & torch.ones(n, n, dtype=torch.bool, device=saliency.device).triu(1)
+    if valid is not None:
+        pairs &= valid[:, :, None] & valid[:, None, :]
+    return sign, pairs
+
+
 def ranking_loss(scores: torch.Tensor, saliency: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Pairwise logistic ranking loss: mean over pairs i<j with different saliency of
     log(1 + exp(−(π_i − π_j)·sign(π̂_i − π̂_j))). Zero only in the limit of an infinite margin."""
     diff = scores[:, :, None] - scores[:, None, :]
-    sign = torch.sign(saliency[:, :, None] - saliency[:, None, :])
-    n = scores.shape[1]
-    pairs = (sign != 0) & torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
-    if valid is not None:
-        pairs &= valid[:, :, None] & valid[:, None, :]
+    sign, pairs = _ranked_pairs(saliency, valid)
     if not bool(pairs.any()):
         return scores.sum() * 0.0
     return F.softplus(-diff * sign)[pairs].mean()
@@ -253,11 +259,8 @@ def _step_losses(model, predictors, ids, saliency, plan, generator, tau) -> tupl
 def pairwise_agreement(scores: torch.Tensor, saliency: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
     """(share of token pairs the scores order as the saliency does, number of pairs): over pairs i<j of valid
     tokens with different saliency; a tie in the scores counts one half. 0.5 is a random ranking."""
-    sign_true = torch.sign(saliency[:, :, None] - saliency[:, None, :])
+    sign_true, pairs = _ranked_pairs(saliency, valid)
     sign_pred = torch.sign(scores[:, :, None] - scores[:, None, :])
-    n = scores.shape[1]
-    pairs = (sign_true != 0) & torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
-    pairs &= valid[:, :, None] & valid[:, None, :]
     agree = (sign_pred == sign_true).float() + 0.5 * (sign_pred == 0).float()
     count = int(pairs.sum())
     return (float(agree[pairs].sum()) / count if count else float("nan")), count
