@@ -228,6 +228,15 @@ def cmd_run(args) -> int:
     rows = rows[rows["cell"].isin(runner.run_cells)]
     print()
     print(format_summary(summarize(rows, store)))
+    from bench.long_context import format_long_context, long_context_table
+
+    long_prompts = long_context_table(rows, store)
+    if len(long_prompts):
+        print("\nLong prompts (generation; c on prefill is matched, c on decode reported):")
+        print(format_long_context(long_prompts))
+    if runner.not_scored:
+        print("Not scored (dense at 0 on these lengths): "
+              + ", ".join(f"{method} on {task}" for method, task in runner.not_scored))
     unmatched = unmatched_cells(rows[rows["method"] != "dense"])
     if len(unmatched):
         print("\nUnmatched cells (|c − target| > 0.02 on the scored inputs; left out of retention):")

@@ -42,6 +42,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from bench.console import terminal  # noqa: E402
 from bench.flops import RowFlops  # noqa: E402
+from bench.generation import DenseCost, GenerationTally, greedy_generate  # noqa: E402
 from bench.tasks import quiet_expected_lm_eval_messages  # noqa: E402
 from methods.base import scoring  # noqa: E402
 from methods.token_subsets import smallest_window  # noqa: E402
@@ -174,13 +175,21 @@ class BenchLM(HFLM):
     on_workload: called with the task's list of `Forward`s before any runs (the harness solves an input-dependent
         method's knob on them; it may run the model on them, it must not change them).
     plan_only: record the forwards in `workload` and return placeholder scores without running the model (the
-        harness reads the study's sequence lengths this way)."""
+        harness reads the study's sequence lengths this way).
+    decode_flops: (batch, past) -> the dense model's decoder FLOPs of one decode step; with `dense_flops`, generation
+        is counted by phase in `generation` (prefill and decode apart).
+
+    `generate_until` requests (greedy) run through `bench.generation.greedy_generate`: the prompts' prefill forwards
+    are planned first (one `Forward` each, its last position scored) and handed to `on_workload`, so a token method's
+    knob is solved on the prompts it will prefill; then each prompt is prefilled with a KV cache and decoded token by
+    token, rows batched only with prompts of their own length (`Method.batched_decode` False: one row at a time)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, sequence_dependent: bool = False,
                  progress: bool = True, max_batch_tokens: int = 4096,
                  dense_flops: Callable[[int, int], int] | None = None,
                  method_flops: Callable[[], int | None] | None = None,
-                 on_workload: Callable[[list[Forward]], None] | None = None, plan_only: bool = False):
+                 on_workload: Callable[[list[Forward]], None] | None = None, plan_only: bool = False,
+                 decode_flops: Callable[[int, int], int] | None = None, batched_decode: bool = True):
         with quiet_expected_lm_eval_messages():
             super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.sequence_dependent = sequence_dependent
@@ -193,6 +202,10 @@ class BenchLM(HFLM):
         self.workload: list[Forward] = []
         self.engine = EngineStats(path=self.path)
         self._group_of_request: list[object] = []
+        self.cost = None if dense_flops is None or decode_flops is None else DenseCost(dense_flops, decode_flops)
+        self.batched_decode = batched_decode
+        self.generation = GenerationTally()
+        self._generation_bar = None
 
     @property
     def path(self) -> str:
@@ -205,6 +218,66 @@ class BenchLM(HFLM):
                                   for r in requests]
         return super().loglikelihood(requests, disable_tqdm=True)
 
+    # -- generation ---------------------------------------------------------------------------------------------
+    def _max_gen_toks(self, gen_kwargs: dict) -> int:
+        return int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+
+    def _prompt_ids(self, context: str, gen_kwargs: dict) -> list[int]:
+        """A request's prompt exactly as HFLM.generate_until encodes it (same call, left-truncated the same way)."""
+        ids, _ = self.tok_batch_encode([context], left_truncate_len=self.max_length - self._max_gen_toks(gen_kwargs),
+                                       truncation=self.truncation)
+        return ids[0].tolist()
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        prompts = [self._prompt_ids(r.args[0], r.args[1]) for r in requests]
+        forwards = []
+        for ids in prompts:
+            scored = torch.zeros(1, len(ids), dtype=torch.bool)
+            scored[0, -1] = True
+            forwards.append(Forward(torch.tensor([ids]), scored, torch.tensor([len(ids) - 1])))
+        self.workload.extend(forwards)
+        if self.plan_only:
+            return [""] * len(requests)
+        if self.on_workload is not None:
+            self.on_workload(forwards)
+        self.engine.path = "generate"
+        self.engine.requests += len(requests)
+        self.engine.tokens += sum(map(len, prompts))
+        start = time.perf_counter()
+        self._generation_bar = tqdm(total=len(requests), desc="generating", disable=not self.progress,
+                                    file=terminal(), leave=False)
+        try:
+            return super().generate_until(requests, disable_tqdm=True)
+        finally:
+            self._generation_bar.close()
+            self.engine.seconds += time.perf_counter() - start
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        """Greedy continuations of a left-padded batch, as [batch, width + new] (context, then the new tokens,
+        right-padded), the form HFLM.generate_until reads."""
+        if generation_kwargs.get("do_sample") or generation_kwargs.get("temperature", 0.0) not in (0.0, None):
+            raise NotImplementedError("bench scores generation greedily only (do_sample=False, temperature 0)")
+        mask = generation_kwargs.get("attention_mask")
+        rows = [c[m.bool()].tolist() if mask is not None else c.tolist() for c, m in
+                zip(context.cpu(), mask.cpu() if mask is not None else [None] * len(context), strict=True)]
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos_ids = {self.eot_token_id} | set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+        def done(tokens: list[int]) -> bool:
+            text = self.tok_decode(tokens)
+            return any(s in text for s in stop if s)
+
+        new = greedy_generate(self.model, rows, max_length - context.shape[1], done, sorted(eos_ids),
+                              batch_size=self.batch_size if self.batched_decode else 1, cost=self.cost,
+                              tally=self.generation, on_row=self._generation_bar.update if self._generation_bar else None)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        width = max(map(len, new), default=0)
+        tail = torch.full((len(new), width), pad, dtype=torch.long)
+        for b, tokens in enumerate(new):
+            tail[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return torch.cat([context.cpu(), tail], dim=1)
+
+    # -- log-likelihood -------------------------------------------------------------------------------------------
     def _prepare(self, context_enc: list[int], continuation_enc: list[int]) -> ScoredInput:
         whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
         inp = whole[:-1]

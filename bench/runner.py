@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -27,7 +28,7 @@ from bench.fileutil import json_digest as cell_hash
 from bench.matching import PROTOCOL
 from bench.models import adds_bos, cpu_threads, load_model, validate_model_name
 from bench.provenance import BENCH_VERSION, Provenance
-from bench.store import Store
+from bench.store import ROWS, Store
 from bench.study import give_calibration, model_shape, overrides_for
 from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
 from methods import Method, MethodConfigError, make_method, method_class
@@ -135,6 +136,7 @@ class Runner:
         self.threads_used: int | None = None  # torch CPU threads the last run() used
         self.cells_skipped: list[str] = []
         self.run_cells: list[str] = []
+        self.not_scored: list[tuple[str, str]] = []  # (method, generation task) left out: dense scored 0 there
         self.model, self.tokenizer = model, tokenizer
         self.context: CellContext | None = None  # what the units measure with; built once the model is loaded
         self.provenance: Provenance | None = None
@@ -243,6 +245,9 @@ class Runner:
         artifact = self.clock.timed(f"calibrate {method.registry_name}", lambda m=method: ensure_calibrated(
             m, self.model, self.tokenizer, c.model, seed=m.seed, force=False))
         for unit in pending:
+            if method.registry_name != "dense" and self.dense_at_zero(unit, settings[unit]):
+                self.not_scored.append((method.registry_name, unit))
+                continue
             with self.store.claim(cells[unit], force=c.force) as owned:  # another process may hold it
                 if not owned:
                     self.cells_skipped.append(cells[unit])
@@ -261,6 +266,20 @@ class Runner:
                 method.set_knob(None)
                 self.store.write(cells[unit], identity, rows, samples)
                 self.cells_written.append(cells[unit])
+
+    def dense_at_zero(self, unit: str, settings: dict[str, Any]) -> bool:
+        """A generation task (a RULER length) on which the dense model scored 0 in this study: no method is compared
+        there (retention has no denominator), so its cells are not computed; the summary reports the length."""
+        from bench.tasks import GENERATION_TASKS, TASKS
+
+        if unit not in GENERATION_TASKS:
+            return False
+        dense = cell_hash(self._identity(self.plan[0], unit, settings))
+        if not self.store.is_complete(dense, report=False):
+            return False
+        rows = pd.read_parquet(self.store.cell_dir(dense) / ROWS)
+        primary = rows[rows["metric"] == TASKS[unit].primary_metric]["value"]
+        return len(primary) > 0 and float(primary.iloc[0]) == 0.0
 
     def measure(self, method: Method, unit: str, settings: dict[str, Any]):
         """One unit's (rows, samples): bench.units, with this study's context."""

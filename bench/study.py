@@ -47,11 +47,13 @@ RUN_KEYS: dict[str, tuple[str, str]] = {
     "results": ("str", '"results"'),
     "calibration_seeds": ("seeds", "[0, 1, 2]"),
     "latency_sweep": ("bool", "true"),
+    "measure_ppl": ("bool", "false"),  # the WikiText-2 unit (default true)
+    "measure_efficiency": ("bool", "false"),  # the latency probe unit (default true)
     "executor": ("choice:local,ray,slurm", '"ray"'),
 }
 TABLES = ("fields", "calibration")
 # study keys `run` has no command-line option for: RunConfig takes them from the file only
-FILE_ONLY = ("latency_seq_len", "decode_tokens", "method_fields", "calibration")
+FILE_ONLY = ("latency_seq_len", "decode_tokens", "method_fields", "calibration", "measure_ppl", "measure_efficiency")
 CALIBRATION_KEYS = {"n_samples": "count", "seq_len": "count", "source": "str"}
 
 

@@ -47,7 +47,11 @@ def calibration_seeds(frame: pd.DataFrame) -> pd.Series:
 
 
 def accuracy_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    acc = rows[~rows["task"].isin(NON_TASK_UNITS)]
+    """The primary metric's rows of the multiple-choice / log-likelihood tasks; generation tasks (long prompts) have
+    their own table (bench.long_context)."""
+    from bench.tasks import GENERATION_TASKS
+
+    acc = rows[~rows["task"].isin(NON_TASK_UNITS) & ~rows["task"].isin(GENERATION_TASKS)]
     keep = acc.apply(lambda r: r["metric"] == primary_metric(r["task"]), axis=1) if len(acc) else []
     return acc[keep] if len(acc) else acc
 

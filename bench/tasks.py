@@ -24,6 +24,7 @@ from typing import Any
 
 from bench import datafiles
 from bench.errors import BenchError
+from bench.ruler import NIAH, NIAH_ITEMS, NIAH_KEPT, NIAH_TASKS, niah_config, niah_task
 
 # Our tasks never call datasets.load_dataset, but nothing in lm-eval or datasets may try the hub either.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -199,22 +200,36 @@ TASKS: dict[str, TaskInfo] = {
         TaskInfo("boolq", ("acc",), "acc", 3270),
         TaskInfo("openbookqa", ("acc", "acc_norm"), "acc_norm", 500),
         TaskInfo("lambada_openai", ("perplexity", "acc"), "acc", 5153),
+        # generation: RULER's needle in a haystack at one prompt length each (bench.ruler)
+        *(TaskInfo(name, ("acc",), "acc", NIAH_ITEMS) for name in NIAH_TASKS),
     )
 }
+# a name that stands for several tasks: niah_single_1 = the lengths the default model can do dense
+TASK_ALIASES: dict[str, tuple[str, ...]] = {NIAH: tuple(niah_task(n) for n in NIAH_KEPT)}
+GENERATION_TASKS = frozenset(NIAH_TASKS)
+DATA_TASKS = tuple(name for name in TASKS if name in _SOURCES)  # the tasks fed from the vendored files
 
 
 def resolve_tasks(names: list[str]) -> list[str]:
-    """Check task names (duplicates dropped, order kept); an unknown one raises BenchError naming the close ones."""
-    for name in names:
+    """Check task names (duplicates dropped, order kept, an alias expanded); an unknown one raises BenchError
+    naming the close ones."""
+    expanded = [task for name in names for task in TASK_ALIASES.get(name, (name,))]
+    for name in expanded:
         if name not in TASKS:
-            close = difflib.get_close_matches(name, TASKS, n=3, cutoff=0.5)
+            known = [*TASKS, *TASK_ALIASES]
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-            raise BenchError(f"unknown task {name!r}; {hint}known tasks: {', '.join(TASKS)}")
-    return list(dict.fromkeys(names))
+            raise BenchError(f"unknown task {name!r}; {hint}known tasks: {', '.join(known)}")
+    return list(dict.fromkeys(expanded))
 
 
 def builtin_config(name: str) -> dict[str, Any]:
     """lm-eval's own config dict for a task, loaded from its YAML in site-packages (`!function`s resolved)."""
+    if name in NIAH_TASKS:
+        from bench.ruler import _niah_utils
+
+        _niah_utils()  # its YAML's !function imports lm-eval's RULER module: NLTK offline first
+        return copy.deepcopy(_load_builtin_yaml("ruler/niah_single_1.yaml"))
     return copy.deepcopy(_load_builtin_yaml(_SOURCES[name].builtin_yaml))
 
 
@@ -288,9 +303,11 @@ class _LocalDataset:
         return f"bench.tasks.load_docs({self.name!r}){first} as split {self.split!r}"
 
 
-def task_config(name: str, limit: int | None = None) -> dict[str, Any]:
+def task_config(name: str, limit: int | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     """The built-in config of `name` with only its dataset part replaced by our verified local docs (the first
-    `limit` of them, when given)."""
+    `limit` of them, when given). Generated tasks (RULER) are sized with `tokenizer`, a local directory."""
+    if name in NIAH_TASKS:
+        return niah_config(name, builtin_config(name), limit, tokenizer)
     config = builtin_config(name)
     for structural_key in ("tag", "group", "task_list"):
         config.pop(structural_key, None)
@@ -343,10 +360,11 @@ def quiet_expected_lm_eval_messages():
             logging.getLogger(name).removeFilter(keep)
 
 
-def build_task_dict(names: list[str], limit: int | None = None) -> dict[str, Any]:
+def build_task_dict(names: list[str], limit: int | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     """{name: lm_eval ConfigurableTask} for `lm_eval.evaluator.evaluate(lm=..., task_dict=..., limit=limit)`: with
-    a limit, each task holds only the docs it will score."""
+    a limit, each task holds only the docs it will score. `tokenizer`: the model's local tokenizer directory
+    (`tokenizer.name_or_path`), which generated tasks (RULER) are sized with."""
     from lm_eval.api.task import ConfigurableTask
 
     with quiet_expected_lm_eval_messages():
-        return {name: ConfigurableTask(config=task_config(name, limit)) for name in resolve_tasks(names)}
+        return {name: ConfigurableTask(config=task_config(name, limit, tokenizer)) for name in resolve_tasks(names)}

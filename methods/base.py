@@ -141,6 +141,9 @@ class Method:
     # True when decisions depend on the whole sequence (token routing): the evaluator must not share prefixes
     # across sequences, and a padded batch carries its 2-D padding mask (decisions are per row, on its own tokens).
     sequence_dependent: ClassVar[bool] = False
+    # False: a cached forward holds one sequence (FTP: each block caches its own computed tokens per row), so the
+    # harness generates row by row; True: rows of equal prompt length share a batch.
+    batched_decode: ClassVar[bool] = True
     # The registry name (a variant's, e.g. "ftp-topk"), set by make_method; the class name otherwise.
     registry_name: ClassVar[str] = ""
     # What calibrate() wants from the harness: {"n_samples", "seq_len", "source"}; {} = the harness default.

@@ -111,7 +111,9 @@ class KeyPositions:
         if past is None or held == 0:
             past = new_positions[:, :0]
         else:
-            past = past.expand(new_positions.shape[0], -1)[:, past.shape[1] - held:]
-        positions = torch.cat([past, new_positions], dim=1)
+            past = past[:, past.shape[1] - held:]
+        # a decode step's position ids may be one row for the whole batch (rows of one length share positions)
+        rows = max(past.shape[0], new_positions.shape[0])
+        positions = torch.cat([past.expand(rows, -1), new_positions.expand(rows, -1)], dim=1)
         self._positions[layer_idx] = positions
         return positions

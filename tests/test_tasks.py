@@ -34,7 +34,7 @@ N_DOCS = 20
 
 @pytest.fixture(scope="module")
 def task_dict():
-    return tasks.build_task_dict(list(tasks.TASKS))
+    return tasks.build_task_dict(list(tasks.DATA_TASKS))
 
 
 def built_requests(task, doc_ids: list[int] | None = None) -> dict[int, list[tuple[str, str]]]:
@@ -94,7 +94,7 @@ def our_golds(task, doc_ids) -> list[int]:
     return [gold_of(task.eval_docs[i]) for i in doc_ids]
 
 
-@pytest.mark.parametrize("name", list(tasks.TASKS))
+@pytest.mark.parametrize("name", list(tasks.DATA_TASKS))
 def test_requests_equal_builtin_definition(task_dict, name):
     task = task_dict[name]
     ours = built_requests(task)
@@ -161,7 +161,7 @@ def raw_expected(name: str, doc_ids: list[int]) -> tuple[list[list[tuple[str, st
     return out, golds
 
 
-@pytest.mark.parametrize("name", list(tasks.TASKS))
+@pytest.mark.parametrize("name", list(tasks.DATA_TASKS))
 def test_requests_equal_raw_files_under_lm_eval_prompts(task_dict, name):
     task = task_dict[name]
     ours = built_requests(task)
@@ -201,15 +201,15 @@ def test_hellaswag_known_difference(task_dict):
 
 
 def test_item_counts_match_source_notes(task_dict):
-    assert {name: info.n_items for name, info in tasks.TASKS.items()} == SOURCE_NOTE_COUNTS
+    assert {name: tasks.TASKS[name].n_items for name in tasks.DATA_TASKS} == SOURCE_NOTE_COUNTS
     for name, task in task_dict.items():
         assert len(task.eval_docs) == SOURCE_NOTE_COUNTS[name], name
 
 
 def test_task_infos_follow_builtin_metric_lists():
-    assert list(tasks.TASKS) == list(SOURCE_NOTE_COUNTS)
+    assert list(tasks.DATA_TASKS) == list(SOURCE_NOTE_COUNTS)
     assert set(DEFAULT_TASKS) <= set(tasks.TASKS)
-    for name, info in tasks.TASKS.items():
+    for name, info in ((n, tasks.TASKS[n]) for n in tasks.DATA_TASKS):
         builtin = tuple(m["metric"] for m in tasks.builtin_config(name)["metric_list"])
         assert info.metrics == builtin, name
         assert info.primary_metric == ("acc_norm" if "acc_norm" in builtin else "acc"), name
@@ -310,7 +310,7 @@ def test_only_expected_lm_eval_messages_are_dropped(caplog):
         "[Task: x] metric acc is defined, but aggregation is not. outside the filter"]
 
 
-@pytest.mark.parametrize("name", list(tasks.TASKS))
+@pytest.mark.parametrize("name", list(tasks.DATA_TASKS))
 def test_a_limited_task_holds_the_same_first_items(task_dict, name):
     """build_task_dict(limit=k) loads only the first k docs: the same k items lm-eval's limit takes from the whole
     set, because every process_docs is a 1:1 map in order (a filter or a reorder would fail here)."""

@@ -16,6 +16,18 @@ from bench.matching import MatchResult, Workload, is_matched, solve_knob
 from methods import Method
 
 
+def decode_windows(config) -> list[int | None]:
+    """Per decoder layer, the number of keys a decoded token attends to at most (None: its whole cache): the
+    sliding window on layers of type "sliding_attention" (Gemma 3), or on every layer when the config has one and no
+    layer types (Mistral)."""
+    layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if t == "sliding_attention" and window else None for t in types[:layers]]
+    return [window if window and getattr(config, "use_sliding_window", True) else None] * layers
+
+
 def fits_lengths(method: Method) -> bool:
     """Does this static method choose its pruned model from the study's sequence lengths (BlockPruner)?"""
     return type(method).fit_lengths is not Method.fit_lengths
@@ -36,16 +48,32 @@ class CellContext:
 
     def __post_init__(self) -> None:
         self.dense_layers = self.dense_layers or self.model.config.num_hidden_layers
+        # each dense layer's attention span when decoding (a method may change the config while applied)
+        self._decode_windows = decode_windows(self.model.config)[:self.dense_layers]
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """The tokenizer's local directory (generated tasks size their prompts with it), None if it has none."""
+        return getattr(self.tokenizer, "name_or_path", None) or None
 
     def dense_flops(self, batch: int, width: int) -> int:
         """The dense model's decoder FLOPs on a [batch, width] forward (equal to its FlopCounterMode count)."""
         from bench.flops import analytic_decoder_flops
 
         return analytic_decoder_flops(self.model.config, width, batch=batch, num_layers=self.dense_layers)
+
+    def dense_decode_flops(self, batch: int, past: int) -> int:
+        """The dense model's decoder FLOPs of one decode step: `batch` rows of one new token each attending to a
+        cache of `past` tokens plus itself, or to the last `window` tokens on a sliding-window layer, whose cache
+        keeps only those (equal to its FlopCounterMode count, tests/test_generation.py)."""
+        from methods.flop_coefficients import LayerFlopCoefficients
+
+        coeff = LayerFlopCoefficients.from_config(self.model.config)
+        return batch * sum(coeff.layer(1, past + 1 if w is None else min(past + 1, w)) for w in self._decode_windows)
 
     def task_shapes(self, task: str, sequence_dependent: bool) -> list[tuple[int, int]]:
         """The (batch, width) of every forward the evaluator will run on `task`, read without running the model
@@ -60,7 +88,8 @@ class CellContext:
             lm = BenchLM(self.model, self.tokenizer, batch_size=self.batch_size,
                          sequence_dependent=sequence_dependent, progress=False, plan_only=True)
             with library_output_to(self.log):
-                evaluate(lm=lm, task_dict=build_task_dict([task], self.limit), limit=self.limit,
+                evaluate(lm=lm, task_dict=build_task_dict([task], self.limit, tokenizer=self.tokenizer_path),
+                         limit=self.limit,
                          bootstrap_iters=0, verbosity="ERROR")
             self._shapes[key] = [f.shape for f in lm.workload]
         return self._shapes[key]

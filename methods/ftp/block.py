@@ -158,7 +158,6 @@ class RoutingController:
         self.router = router
         self.gumbel_tau = gumbel_tau
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)  # one-token decoding's random skips
         self.stats = RoutingStats.empty(self.num_layers)
         self.state: ForwardState | None = None
         self.simulation: Simulation | None = None
@@ -238,6 +237,9 @@ class RoutingController:
             state.newest_pending = bool(valid[0, 0])
         state.phase, state.decisions = "decode", {}
         state.valid = torch.cat([state.valid, valid], dim=1)
+        if state.token_ids is not None:  # the random router keys each decoded token's noise on it, as in prefill
+            new = input_ids if input_ids is not None else state.token_ids.new_zeros(batch, length)
+            state.token_ids = torch.cat([state.token_ids, new.to(state.token_ids.device)], dim=1)
         self.stats.decode_steps += 1
 
     def capture_extra(self, module: nn.Module, args: tuple, output) -> None:
@@ -283,7 +285,10 @@ class RoutingController:
         if not policy.routed(index) or policy.kind == "static":  # the newest token is in the static window
             return True
         if policy.kind == "random":
-            return bool(torch.rand((), generator=self.generator) >= sparsity)
+            # the noise prefill would give this token at its position (token_noise), not a draw from a stream: a
+            # sequence decodes the same whatever ran before it
+            position = torch.tensor([[state.token_ids.shape[1] - 1]], device=state.token_ids.device)
+            return bool(token_noise(self.seed, index, state.token_ids[:, -1:], position)[0, 0] >= sparsity)
         features = newest_token_features(int(state.valid.sum()), state.table[0, -1], state.previous_sorted,
                                          sparsity, policy.position, policy.use_sparsity)
         logits, _ = self._p_compute(features)

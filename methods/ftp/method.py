@@ -207,6 +207,7 @@ class FTP(Method):
     needs_calibration: ClassVar[bool] = True
     calibration_ignores: ClassVar[tuple[str, ...]] = ("progress",)
     sequence_dependent: ClassVar[bool] = True
+    batched_decode: ClassVar[bool] = False  # a cached forward decodes one sequence (block.py: begin_forward)
     # Enough windows for the paper preset's 2,000 training sequences plus the held-out rows; "cpu" uses a subset.
     default_calibration: ClassVar[dict] = {"n_samples": 2048, "seq_len": 512, "source": "c4-all"}
     small_preset: ClassVar[str | None] = "small"
