@@ -44,7 +44,7 @@ class CalibrationSettings:
 
     @classmethod
     def for_method(cls, method: Method, seed: int) -> CalibrationSettings:
-        defaults = {"n_samples": 64, "seq_len": 512, "source": "c4", **getattr(method, "default_calibration", {})}
+        defaults = {"n_samples": 64, "seq_len": 512, "source": "c4", **method.default_calibration}
         return cls(n_samples=int(defaults["n_samples"]), seq_len=int(defaults["seq_len"]),
                    source=str(defaults["source"]), seed=seed)
 

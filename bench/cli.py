@@ -337,7 +337,8 @@ def cmd_calibrate(args) -> int:
     from bench.artifacts import ensure_calibrated
     from bench.budgets import sized_fields
     from bench.models import cpu_threads, load_model
-    from bench.study import give_calibration, load_study, overrides_for
+    from bench.plan import overrides_for
+    from bench.study import load_study
     from methods import make_method
 
     fields, calibration = {"sparsity": args.sparsity, "seed": args.seed}, {}
@@ -348,7 +349,8 @@ def cmd_calibrate(args) -> int:
     make_method(args.method, **fields)  # bad input fails before the model loads
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     method = make_method(args.method, **sized_fields(args.method, fields, model.config))  # bench.budgets
-    give_calibration(method, calibration)
+    if calibration:
+        method.use_calibration(calibration)
     from bench.artifacts import COMMITTED_DIR
 
     with cpu_threads(model, args.threads):
@@ -401,7 +403,7 @@ def cmd_perf(args) -> int:
             variant_defaults(name)  # an unknown name: one clear error before any model loads
         return run_method_perf(args.model, names, args.tasks or list(DEFAULT_TASKS), args.limit or 20,
                                args.batch_size, args.threads, args.device, args.dtype, progress=not args.no_progress)
-    from bench.perf import run_perf
+    from bench.engine_perf import run_perf
 
     return run_perf(args.model, args.tasks, args.limit or 40, args.batch_size, args.threads,
                     progress=not args.no_progress)

@@ -68,14 +68,15 @@ def _worker_config(config, threads: int | None):
                                results=str(Path(config.results).resolve()))
 
 
-def _calibrate(config, index: int) -> dict:
-    """One artifact: load the model, calibrate plan[index] (or find it cached by then) and cache it."""
+def _calibrate(runner_class, config, index: int) -> dict:
+    """One artifact: load the model, calibrate plan[index] (or find it cached by then) and cache it. `runner_class`:
+    bench.runner.Runner, passed in (pickled by reference) so that this module does not import the runner that
+    imports it."""
     from bench.artifacts import ensure_calibrated
     from bench.models import cpu_threads, load_model
-    from bench.runner import Runner
 
     try:
-        runner = Runner(config)  # validates the study before the model loads
+        runner = runner_class(config)  # validates the study before the model loads
         model, tokenizer = load_model(config.model, config.device, config.dtype)
         runner.size_plan(model.config)  # the model's budgets (bench.budgets), as the group's and the driver's
         method = runner.plan[index]
@@ -87,15 +88,13 @@ def _calibrate(config, index: int) -> dict:
         return {"error": str(exc)}
 
 
-def _group(config, index: int, *artifacts: dict) -> dict:
+def _group(runner_class, config, index: int, *artifacts: dict) -> dict:
     """One group of cells (`artifacts`: the results of the calibration tasks it waited for)."""
-    from bench.runner import Runner
-
     failed = [a["error"] for a in artifacts if "error" in a]
     if failed:
         return {"error": failed[0]}
     try:
-        runner = Runner(config)
+        runner = runner_class(config)
         runner.run_groups([index])
     except BenchError as exc:
         return {"error": str(exc)}
@@ -210,8 +209,8 @@ def run_on_ray(runner) -> list[str]:
         runner.store.remove_stale()  # here only: workers never delete temporaries of another process
         calibrate = ray.remote(max_retries=0)(_calibrate).options(**options)
         group = ray.remote(max_retries=0)(_group).options(**options)
-        artifacts = {digest: calibrate.remote(worker, index) for digest, index in _missing_artifacts(runner).items()}
-        pending = [group.remote(worker, i, *([artifacts[d]] if (d := _artifact_hash(m, config)) in artifacts
+        artifacts = {digest: calibrate.remote(type(runner), worker, index) for digest, index in _missing_artifacts(runner).items()}
+        pending = [group.remote(type(runner), worker, i, *([artifacts[d]] if (d := _artifact_hash(m, config)) in artifacts
                                              else []))
                    for i, m in enumerate(runner.plan)]
         sweep = _Sweep(runner, len(artifacts), "Ray")
@@ -251,11 +250,11 @@ def run_on_slurm(runner) -> list[str]:
     sweep = _Sweep(runner, len(missing), executor.cluster)
     jobs = []
     try:
-        jobs = [executor.submit(_calibrate, worker, index) for index in missing.values()]
+        jobs = [executor.submit(_calibrate, type(runner), worker, index) for index in missing.values()]
         for job in jobs:
             if "error" in (result := job.result()):
                 raise BenchError(result["error"])
-        jobs = [executor.submit(_group, worker, i) for i in range(len(runner.plan))]
+        jobs = [executor.submit(_group, type(runner), worker, i) for i in range(len(runner.plan))]
         pending = list(jobs)
         while pending:
             finished = [job for job in pending if job.done()]

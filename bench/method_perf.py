@@ -144,8 +144,8 @@ def format_speeds(speeds: list[MethodSpeed], matmul_flops: float) -> str:
 
 def run_method_perf(model_name: str, names: list[str], task_names: list[str], limit: int, batch_size: int,
                     threads: int, device: str = "cpu", dtype: str = "float32", progress: bool = True) -> int:
+    from bench.engine_perf import build_requests
     from bench.models import load_model
-    from bench.perf import build_requests
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

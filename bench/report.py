@@ -403,6 +403,15 @@ def write_report(results: str, out: str) -> list[Path]:
     if fig_latency_sweep(rows, sweep_path):
         figures.append(sweep_path)
     sweep_text = format_latency_sweep(latency_sweep_table(rows))
+    from bench.long_context import format_long_context, long_context_table
+
+    long_table = long_context_table(rows, store)
+    long_text = format_long_context(long_table) if len(long_table) else ""
+    long_note = ("Generation tasks (bench.long_context): RULER's needle in a haystack at one prompt length each, "
+                 "scored by greedy generation through the engine. `acc` = share of the needle's values in the "
+                 "answer; retention = acc ÷ dense's acc on the same documents (95% CI: paired bootstrap over "
+                 "documents); `c_prefill` = c on the prompts' prefill (matched to the target), `c_decode` = c on "
+                 "the decode steps. A length where dense scores 0 is reported and not compared.")
     models = sorted(rows["model"].dropna().unique())
     commits = ", ".join(sorted(rows["git_commit"].dropna().unique()))
     acc = accuracy_rows(rows)
@@ -447,6 +456,8 @@ def write_report(results: str, out: str) -> list[Path]:
                      at_text, "```", "", "### Unmatched cells", "", "```",
                      unmatched_text, "```", "", "### Method against method", "", pairwise_note, "", "```",
                      pairwise_text, "```", ""]
+    if long_text:
+        markdown += ["## Long prompts", "", long_note, "", "```", long_text, "```", ""]
     markdown += ["## Latency sweep", "", "```", sweep_text, "```", ""]
     markdown += ["## Figures", "", "One panel per model.", "", *[f"![{p.stem}]({p.name})" for p in figures], ""]
     report = out_dir / "report.md"
@@ -462,6 +473,8 @@ def write_report(results: str, out: str) -> list[Path]:
                  "<h3>Summary</h3>", _pre(summary_text), "<h3>Retention at each target c</h3>", _pre(at_text), "<h3>Method against method</h3>",
                  f"<p>{html.escape(pairwise_note)}</p>", _pre(pairwise_text), "<h3>Unmatched cells</h3>",
                  _pre(unmatched_text)]
+    if long_text:
+        page += ["<h2>Long prompts</h2>", f"<p>{html.escape(long_note)}</p>", _pre(long_text)]
     page += ["<h2>Latency sweep</h2>", _pre(sweep_text)]
     page += ["<h2>Figures</h2><p>One panel per model.</p>",
              # a self-check a browser can read: how many figures decoded (the report test reads it)

@@ -10,7 +10,6 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,87 +18,19 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.artifacts import ensure_calibrated
-from bench.budgets import sized_fields
 from bench.console import libraries_quiet, library_output_to
-from bench.defaults import DEFAULT_LIMIT, DEFAULT_METHODS, DEFAULT_MODEL, DEFAULT_PPL_WINDOWS
-from bench.efficiency import CPU_GRID, GPU_GRID
 from bench.errors import BenchError
+from bench.executors import run_on_ray, run_on_slurm
 from bench.fileutil import json_digest as cell_hash
 from bench.matching import PROTOCOL
 from bench.models import adds_bos, cpu_threads, load_model, validate_model_name
+from bench.plan import RunConfig, plan_methods  # noqa: F401 (RunConfig: part of this module's interface)
 from bench.provenance import BENCH_VERSION, Provenance
 from bench.store import ROWS, Store
-from bench.study import give_calibration, model_shape, overrides_for
+from bench.study import model_shape
+from bench.timing import CPU_GRID, GPU_GRID
 from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
-from methods import Method, MethodConfigError, make_method, method_class
-
-
-@dataclass
-class RunConfig:
-    model: str = DEFAULT_MODEL
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    sparsities: list[float] = field(default_factory=lambda: [0.25])
-    tasks: list[str] | None = None  # None: every task
-    limit: int | None = DEFAULT_LIMIT  # items per task; None = all
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    # several seeds per pruned method (calibration sample order, router/predictor init, random layers): the summary
-    # then combines item and seed variance; None: `seed` only
-    calibration_seeds: list[int] | None = None
-    results: str = "results"
-    force: bool = False
-    batch_size: int = 16
-    ppl_seq_len: int = 512
-    ppl_windows: int | None = DEFAULT_PPL_WINDOWS
-    latency_seq_len: int = 512
-    latency_batch: int = 1
-    latency_repeats: int = 5
-    decode_tokens: int = 16
-    threads: int | None = None
-    measure_efficiency: bool = True
-    measure_ppl: bool = True
-    progress: bool = True
-    verbose: bool = False  # libraries' bars and messages on the terminal; otherwise appended to <results>/run.log
-    latency_sweep: bool = False  # the latency-sweep unit (bench.units.latency) for every pruned method
-    latency_grid: list[tuple[int, int]] | None = None  # (batch, seq_len) points; None: CPU_GRID or GPU_GRID
-    sweep_max_rounds: int = 30
-    determinism_task: str | None = None  # a task dense is scored on twice, compared exactly (the gate sets it)
-    executor: str = "local"  # "local": in this process; "ray"/"slurm": one task or job per group (bench.executors)
-    ray_address: str | None = None  # an existing Ray cluster; None starts a local one
-    slurm_partition: str | None = None
-    slurm_timeout_min: int = 24 * 60
-    # from a study file (bench.study): per method (family or variant) field values and calibration text settings
-    method_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
-    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def plan_methods(config: RunConfig, shape=None) -> list[Method]:
-    """dense first (the shared reference), then each method at each sparsity; validated before any work. With the
-    model's `shape` (its config), a small model's methods get their small presets (bench.budgets)."""
-    for s in config.sparsities:
-        if not 0.0 <= s < 1.0:
-            raise BenchError(f"sparsity must be in [0, 1), got {s}; e.g. --sparsity 0.25,0.4")
-    names = [n for n in config.methods if n != "dense"]
-    plan = [make_method("dense", seed=config.seed)]
-    seeds = config.calibration_seeds or [config.seed]
-    for name in names:
-        chosen = overrides_for(name, config.method_fields)
-        fields = sized_fields(name, chosen, shape)
-        calibration = overrides_for(name, config.calibration)
-        for s in config.sparsities:
-            for seed in seeds if method_class(name).seeded else seeds[:1]:
-                try:
-                    method = make_method(name, **{"sparsity": s, "seed": seed, **fields})
-                except MethodConfigError as exc:
-                    if fields == chosen:
-                        raise
-                    raise MethodConfigError(
-                        f"{exc} (this model is small, so {name} got its preset {fields['preset']!r} "
-                        f"(bench.budgets); name a preset in the study's [fields.{name}] to choose another)") from exc
-                give_calibration(method, calibration)
-                plan.append(method)
-    return plan
+from methods import Method, MethodConfigError
 
 
 class StageClock:
@@ -154,7 +85,7 @@ class Runner:
         identity = {"model": self.config.model, "method": method.registry_name, "method_version": method.version,
                     "params": method.config(), "unit": unit, "settings": settings,
                     "device": self.provenance.device, "dtype": str(self.model.dtype), "bench": BENCH_VERSION}
-        override = getattr(method, "calibration_override", None)
+        override = method.calibration_override
         if override:
             identity["calibration"] = override
         return identity
@@ -198,8 +129,6 @@ class Runner:
     def run(self) -> list[str]:
         """Every group of cells: in this process (`executor="local"`), or as Ray tasks (bench.executors)."""
         if self.config.executor in ("ray", "slurm"):
-            from bench.executors import run_on_ray, run_on_slurm
-
             return (run_on_ray if self.config.executor == "ray" else run_on_slurm)(self)
         return self.run_groups(range(len(self.plan)), clean=True)
 

@@ -149,24 +149,11 @@ def _check_methods(path: Path, study: dict[str, Any]) -> None:
             if name not in known:
                 raise _unknown(path, f"[{'fields' if table == 'method_fields' else table}.{name}]", name, known)
     if "tasks" in study:
-        from bench.tasks import TASKS
+        from bench.tasks import TASK_ALIASES, TASKS
 
         for task in study["tasks"]:
-            if task not in TASKS:
-                raise _unknown(path, "tasks", task, list(TASKS))
-
-
-def overrides_for(name: str, tables: dict[str, dict]) -> dict[str, Any]:
-    """A method's entries: its family's table (`ftp` for `ftp-static`), then its own."""
-    family = name.split("-", 1)[0]
-    return {**tables.get(family, {}), **(tables.get(name, {}) if name != family else {})}
-
-
-def give_calibration(method, calibration: dict[str, Any]) -> None:
-    """Give `method` a study's calibration text (`[calibration.NAME]`), which enters its artifact key and cells."""
-    if calibration:
-        method.default_calibration = {**type(method).default_calibration, **calibration}
-        method.calibration_override = calibration
+            if task not in TASKS and task not in TASK_ALIASES:
+                raise _unknown(path, "tasks", task, [*TASKS, *TASK_ALIASES])
 
 
 # -- --dry-run: the cell plan, the artifacts to calibrate, an estimated cost; no model is loaded -------------------
@@ -199,11 +186,11 @@ def model_shape(model: str):
 
 
 def dry_run(config, out=print) -> None:
-    """Print what `run` would do with `config` (a bench.runner.RunConfig) and what it would cost, loading no model."""
+    """Print what `run` would do with `config` (a bench.plan.RunConfig) and what it would cost, loading no model."""
     from bench.artifacts import CalibrationSettings, artifact_key, find_artifact, key_hash
     from bench.budgets import shape_matters
     from bench.defaults import DEFAULT_TASKS
-    from bench.runner import plan_methods
+    from bench.plan import overrides_for, plan_methods
 
     shape = model_shape(config.model)  # sizes the budgets as run will (bench.budgets); None: not known offline
     plan = plan_methods(config, shape)

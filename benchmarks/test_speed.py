@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.efficiency import decode, interleaved_latency, prefill
 from bench.flops import count_flops
+from bench.timing import decode, interleaved_latency, prefill
 from methods import make_method
 from methods.base import CalibrationSet
 
@@ -80,7 +80,7 @@ def test_flop_counting_overhead(benchmark, record_ratio, default_model):
 
 
 def test_scoring_engine(benchmark, record_ratio, default_model):
-    from bench.perf import measure
+    from bench.engine_perf import measure
 
     model, tokenizer = default_model
     result = benchmark.pedantic(measure, args=(model, tokenizer, ["piqa", "arc_easy"], 5),
@@ -92,8 +92,8 @@ def test_scoring_engine(benchmark, record_ratio, default_model):
 def test_method_scoring_speed(benchmark, record_ratio, default_model, name):
     """`bench perf --methods`: a token method's seconds per executed FLOP vs dense's, on the same requests."""
     from bench.defaults import DEFAULT_TASKS
+    from bench.engine_perf import build_requests
     from bench.method_perf import measure_methods
-    from bench.perf import build_requests
 
     model, tokenizer = default_model
     _, requests = build_requests(list(DEFAULT_TASKS), limit=5)

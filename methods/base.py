@@ -156,6 +156,7 @@ class Method:
 
     _artifact: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     _knob_value: float | None = field(default=None, init=False, repr=False, compare=False)
+    _calibration_override: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not (0.0 <= float(self.sparsity) < 1.0) \
@@ -168,6 +169,17 @@ class Method:
     def config(self) -> dict[str, Any]:
         """The hyperparameters (dataclass fields), as recorded in every result row."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+    def use_calibration(self, calibration: dict[str, Any]) -> None:
+        """Calibrate on a study's text settings (`[calibration.NAME]`: n_samples, seq_len, source) instead of the
+        method's defaults; they enter its artifact key and its cells' identity (`calibration_override`)."""
+        self.default_calibration = {**type(self).default_calibration, **calibration}
+        self._calibration_override = dict(calibration)
+
+    @property
+    def calibration_override(self) -> dict[str, Any] | None:
+        """The study's calibration settings given by `use_calibration`, None when the method's defaults hold."""
+        return self._calibration_override
 
     def calibration_config(self) -> dict[str, Any]:
         """The fields that determine the calibration artifact."""

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.efficiency import parameter_count
 from bench.flops import LayerFlopCoefficients, count_flops
 from bench.models import tiny_llama
+from bench.timing import parameter_count
 from methods import make_method
 from methods.base import CalibrationSet, MethodConfigError
 from methods.blockpruner import BlockPrunedDecoderLayer, BlockPruner, greedy_block_search, removed_blocks

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from bench.efficiency import interleaved_latency
+from bench.timing import interleaved_latency
 
 
 class _Recorder(torch.nn.Module):

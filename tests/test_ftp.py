@@ -648,7 +648,8 @@ def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
     from pathlib import Path
 
     from bench.artifacts import COMMITTED_DIR, CalibrationSettings, artifact_key, key_hash
-    from bench.study import load_study, overrides_for
+    from bench.plan import overrides_for
+    from bench.study import load_study
     from methods.ftp.method import LEGACY_KEY_VALUES
 
     committed = sorted(Path("methods/artifacts").glob("ftp-*/artifact.json"))

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-import bench.efficiency as efficiency
-from bench.efficiency import HALF_WIDTH, SweepPoint, speedup_ci, sweep_point
+import bench.timing as efficiency
+from bench.timing import HALF_WIDTH, SweepPoint, speedup_ci, sweep_point
 
 
 def test_speedup_ci_covers_the_ratio_of_medians():

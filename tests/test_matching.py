@@ -223,7 +223,7 @@ def test_sdtp_row_is_the_same_alone_and_in_a_mixed_batch(deep):
 
 
 def test_perplexity_ratio_is_one_for_dense_and_uses_the_same_positions():
-    from bench.perplexity import PerplexityResult
+    from bench.wikitext import PerplexityResult
 
     nll = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
     keep = torch.tensor([[True, False, True, False]])

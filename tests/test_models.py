@@ -49,7 +49,7 @@ def test_gemma3_270m_embedded_with_bos_windows():
     WikiText-2 windows, perplexity without BOS is more than twice perplexity with it."""
     from bench.calibration import load_calibration
     from bench.models import adds_bos, load_model
-    from bench.perplexity import perplexity, wikitext_windows
+    from bench.wikitext import perplexity, wikitext_windows
 
     model, tokenizer = load_model("gemma3-270m", device="cpu", dtype="float32")
     c = model.config
@@ -69,7 +69,7 @@ def test_gemma3_270m_embedded_with_bos_windows():
 def test_smollm2_windows_have_no_bos(real_model):
     from bench.calibration import load_calibration
     from bench.models import adds_bos
-    from bench.perplexity import wikitext_windows
+    from bench.wikitext import wikitext_windows
 
     _, tokenizer = real_model
     assert not adds_bos(tokenizer)

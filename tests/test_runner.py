@@ -78,7 +78,7 @@ def test_resume_after_crash_recomputes_nothing_complete(tmp_path, tiny_with_real
 def test_wikitext_sparsity_is_counted_on_every_window(tmp_path, monkeypatch, tiny_with_real_vocab, real_tokenizer):
     """c is counted on every window as it was scored; the spread over windows shows how a data-dependent method
     varies by input. Planted FLOPs: windows at sparsity 0.2, 0.3, 0.1."""
-    import bench.perplexity
+    import bench.wikitext
     from bench.flops import analytic_decoder_flops
     from bench.units import CellContext
     from bench.units.perplexity import measure_perplexity
@@ -91,7 +91,7 @@ def test_wikitext_sparsity_is_counted_on_every_window(tmp_path, monkeypatch, tin
     def fake_count(model, **call):
         return model(**call), int(next(planted))
 
-    monkeypatch.setattr(bench.perplexity, "counted_forward", fake_count)
+    monkeypatch.setattr(bench.wikitext, "counted_forward", fake_count)
     runner = Runner(config, model=tiny_with_real_vocab, tokenizer=real_tokenizer)
     context = CellContext(tiny_with_real_vocab, real_tokenizer, runner.tasks, config.limit, progress=False)
     rows = pd.DataFrame(measure_perplexity(context, runner.plan[0], runner.unit_settings()["wikitext2"]))

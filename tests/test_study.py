@@ -7,14 +7,16 @@ import pytest
 from bench.cli import main
 from bench.errors import BenchError
 from bench.paths import REPO_ROOT
-from bench.study import load_study, overrides_for
+from bench.plan import overrides_for
+from bench.study import load_study
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.toml"))
 
 
 def test_the_shipped_studies_load():
     assert {p.name for p in CONFIGS} == {"default_cpu.toml", "paper_llama2_7b.toml", "paper_qwen15_7b.toml",
-                                         "ftp_recipe_v4.toml", "ftp_recipe_v5.toml", "verdict_smollm2.toml"}
+                                         "ftp_recipe_v4.toml", "ftp_recipe_v5.toml", "verdict_smollm2.toml",
+                                         "long_prompts_smollm2.toml"}
     for path in CONFIGS:
         study = load_study(path)
         if path.name.startswith("ftp_recipe_"):  # an overlay: one of FTP's previous recipes, nothing else

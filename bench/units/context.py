@@ -119,7 +119,7 @@ class CellContext:
 
     def dense_perplexity(self, windows: torch.Tensor):
         """The dense model's per-prediction NLL on these windows (once per run), for ppl on the same positions."""
-        from bench.perplexity import perplexity
+        from bench.wikitext import perplexity
 
         key = (tuple(windows.shape), int(windows.sum()))
         if key not in self._dense_ppl:

@@ -21,9 +21,9 @@ def measure_efficiency(ctx: CellContext, method: Method, settings: dict[str, Any
     = 1 where the control reads outside `CONTROL_BAND` or its CI misses 1.00; summaries then print `unstable`
     rather than a speedup. (The sweep's own stopping rule, CIs within ±3%, is `--latency-sweep`'s: at this
     probe it would take up to 30 rounds per method.)"""
-    from bench.efficiency import parameter_count, peak_memory_mb, sweep_point
     from bench.flops import count_flops
-    from bench.perplexity import wikitext_windows
+    from bench.timing import parameter_count, peak_memory_mb, sweep_point
+    from bench.wikitext import wikitext_windows
 
     n, b = settings["seq_len"], settings["batch"]
     ids = wikitext_windows(ctx.tokenizer, n, b).to(ctx.device)

@@ -1,7 +1,7 @@
 """The latency-sweep unit (`run --latency-sweep`): prefill and decode speedup over a batch × length grid, each
 point its own rows with `batch` and `seq_len`, each speedup with a 95% CI from a bootstrap over interleaved rounds,
 the dense-vs-dense control stored beside it, and `unstable` = 1 where the control strays from 1.00 or a CI stays
-wider than ±3% at the cap (bench.efficiency.sweep_point)."""
+wider than ±3% at the cap (bench.timing.sweep_point)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from methods import Method
 
 
 def measure_latency_sweep(ctx: CellContext, method: Method, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    from bench.efficiency import sweep_point
     from bench.flops import count_flops
-    from bench.perplexity import wikitext_windows
+    from bench.timing import sweep_point
+    from bench.wikitext import wikitext_windows
 
     rows = []
     for batch, seq_len in settings["grid"]:

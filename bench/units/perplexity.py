@@ -16,7 +16,7 @@ def measure_perplexity(ctx: CellContext, method: Method, settings: dict[str, Any
     """Perplexity with the knob solved on the windows themselves; compute sparsity counted with FlopCounterMode
     on every window as it was scored (`measured_sparsity`: all windows; `compute_sparsity_sd`: spread across
     windows); `ppl_ratio`: the method's perplexity ÷ the dense model's on exactly the same predictions."""
-    from bench.perplexity import perplexity, wikitext_windows
+    from bench.wikitext import perplexity, wikitext_windows
 
     windows = wikitext_windows(ctx.tokenizer, settings["seq_len"], settings["windows"])
     match = ctx.fit(method, [(1, windows.shape[1])] * len(windows))

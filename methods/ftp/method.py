@@ -28,7 +28,7 @@ Padding, if present, is never computed in blocks 1..L-1 and never counts toward 
 for batch size 1: each block's cache holds only its computed tokens and each new token is routed per block by the
 same argmax rule, on features kept incrementally (O(log N) router work per block and step); its quality differs
 from prefill routing (the paper's LLaMA2-7B WikiText-2 perplexity rose from 5.47 to 11.12), so `stats()` reports
-decoding separately (`scripts/ftp_decode_quality.py` measures it). `output_hidden_states` is not supported while
+decoding separately (`experiments/ftp/decode_quality.py` measures it). `output_hidden_states` is not supported while
 applied (the wrapped layers run on gathered rows).
 
 Router inputs: position on a log scale, log(1 + j)/log(1 + N) (`position_scale`; methods.md's default j/N left the

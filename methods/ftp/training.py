@@ -151,7 +151,7 @@ def training_window(row: torch.Tensor, rng: random.Random, config: TrainConfig) 
     """A training row as the router meets it: whole, or (`config.min_window`) its first L tokens, L drawn uniformly
     from [min_window, len(row)], so the router trains on the range of lengths, and so of attention scores, it routes
     at inference: the score input is a sum over the queries that see a token and grows with N (the attention sink's
-    reads up to 120-160 at 512 tokens, about twice what 256-token windows show; scripts/ftp_sink_scores.py)."""
+    reads up to 120-160 at 512 tokens, about twice what 256-token windows show; experiments/ftp/sink_scores.py)."""
     if not config.min_window:
         return row
     return row[: rng.randint(min(config.min_window, len(row)), len(row))]

@@ -1,7 +1,7 @@
 """Retrain FTP's router on a fixed schedule and compare it with the static router on held-out calibration text: a
 quick way to try training-recipe fields without the schedule search (the GA and its fine-tune are skipped).
 
-    python scripts/ftp_router_trial.py ARTIFACT_DIR [field=value ...]
+    python -m experiments.ftp.router_trial ARTIFACT_DIR [field=value ...]
 
 ARTIFACT_DIR is an FTP artifact (e.g. methods/artifacts/ftp-<hash>): its "schedule" is reused and the router is
 retrained with the fields of its key (its recipe and seed) changed by the field=value overrides.
@@ -21,7 +21,7 @@ from bench.models import load_model
 from methods.ftp.block import routed_model
 from methods.ftp.measure import solve_scale
 from methods.ftp.router import TokenRouter
-from scripts.ftp_artifacts import field_overrides, load
+from experiments.ftp.artifacts import field_overrides, load
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ cut into N-token rows (at most 48), each router's schedule scale solved to put i
 length, and the paired 95% interval of learned − static over the rows. The task requests the study scores average
 32-43 tokens (docs/experiments/ftp-router.md, "At the lengths the tasks score"). Read-only: it evaluates an artifact, or a router saved by `ftp_router_trial.py --save`, and trains nothing.
 
-    python scripts/ftp_lengths.py [ARTIFACT_DIR] [--lengths 32,64,128,512] [--router PATH] [field=value ...]
+    python -m experiments.ftp.lengths [ARTIFACT_DIR] [--lengths 32,64,128,512] [--router PATH] [field=value ...]
 
 Default: the default model's committed seed-0 `ftp` artifact of the current recipe. `--router PATH` replaces the
 artifact's router weights (its schedule is kept); `field=value` overrides the artifact's fields (e.g.
@@ -22,8 +22,8 @@ import torch
 from bench.models import load_model
 from methods.ftp.block import routed_model
 from methods.ftp.measure import solve_scale
-from scripts.ftp_artifacts import committed_seeds, field_overrides, load
-from scripts.ftp_matched_heldout import paired_interval, position_losses
+from experiments.ftp.artifacts import committed_seeds, field_overrides, load
+from experiments.ftp.matched_heldout import paired_interval, position_losses
 
 MAX_ROWS = 48
 

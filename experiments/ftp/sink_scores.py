@@ -1,6 +1,6 @@
 """Where does an FTP router skip the attention sink, and what does its attention-score input read there? Read-only.
 
-    python scripts/ftp_sink_scores.py [ARTIFACT_DIR ...]
+    python -m experiments.ftp.sink_scores [ARTIFACT_DIR ...]
 
 1. The range of the first token's score input (attention received, methods.md's normalisation: a sum over the
    queries that see it) against the other tokens', under the static router on 8 calibration windows cut to 64,
@@ -19,7 +19,7 @@ import torch
 
 from bench.models import load_model
 from methods.ftp.block import RoutingController, routed_model
-from scripts.ftp_artifacts import committed_seeds, load
+from experiments.ftp.artifacts import committed_seeds, load
 
 LENGTHS = (64, 128, 256, 512)
 

@@ -1,7 +1,7 @@
 """Does FTP's router compute the first token (the attention sink)? On the 512-token WikiText-2 probe (the latency
 probe's input), for the committed artifacts of the default model, read from `stats()`.
 
-    python scripts/ftp_first_token.py [ftp ftp-topk ftp-static ...]
+    python -m experiments.ftp.first_token [ftp ftp-topk ftp-static ...]
 
 Prints, per method, the fraction of routed blocks (s_i > 0) that compute token 0, the probe's compute sparsity,
 and the router's own share of the dense FLOPs."""
@@ -14,7 +14,7 @@ import torch
 
 from bench.artifacts import ensure_calibrated
 from bench.models import DEFAULT_MODEL, load_model
-from bench.perplexity import wikitext_windows
+from bench.wikitext import wikitext_windows
 from methods import make_method
 
 

@@ -3,7 +3,7 @@ router's measured c to within `--tolerance` (the committed artifacts matched it 
 one unit of c is worth ~9-12 nats of LM loss, so that band alone can move the difference by ~±0.02 nats).
 Read-only: it evaluates committed artifacts and trains nothing.
 
-    python scripts/ftp_matched_heldout.py [ARTIFACT_DIR ...] [--tolerance 0.0003] [--at-c 0.25]
+    python -m experiments.ftp.matched_heldout [ARTIFACT_DIR ...] [--tolerance 0.0003] [--at-c 0.25]
 
 Default: the default model's three committed `ftp` seeds of the current recipe. Prints, per artifact, the learned
 router's c and LM loss at its inference scale on the 12 held-out rescale windows, the static router's at the matched
@@ -27,7 +27,7 @@ from methods.ftp.block import RoutingController, routed_model
 from methods.ftp.measure import measure_routing, solve_scale
 from methods.ftp.router import first_valid_token
 from methods.ftp.schedule import scaled_schedule
-from scripts.ftp_artifacts import committed_seeds, load
+from experiments.ftp.artifacts import committed_seeds, load
 
 T_975_DF11 = 2.201  # two-sided 95% quantile of Student's t with 11 degrees of freedom (12 windows)
 

@@ -1,7 +1,7 @@
 """FTP's decoding quality, reported apart from prefill routing (methods.md §3: in the paper, cached decoding raised
 LLaMA2-7B's WikiText-2 perplexity from 5.47 to 11.12).
 
-    python scripts/ftp_decode_quality.py [--windows 2] [--seq-len 256] [--prompt 32]
+    python -m experiments.ftp.decode_quality [--windows 2] [--seq-len 256] [--prompt 32]
 
 Teacher-forced perplexity on WikiText-2 windows: the first `--prompt` tokens are prefilled, every later token is
 fed one at a time through the KV cache (each block routes the new token by argmax on incrementally kept
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from bench.artifacts import ensure_calibrated
 from bench.models import DEFAULT_MODEL, load_model
-from bench.perplexity import wikitext_windows
+from bench.wikitext import wikitext_windows
 from methods import make_method
 
 

@@ -1,6 +1,6 @@
 """FTP's prefill speed against its static router at the same measured compute sparsity, interleaved in one run.
 
-    python scripts/ftp_prefill_speed.py [--seq-len 512] [--repeats 10]
+    python -m experiments.ftp.prefill_speed [--seq-len 512] [--repeats 10]
 
 On the WikiText-2 probe: measures `ftp`'s compute sparsity c (its own accounting, router included), sets
 `ftp-static`'s schedule scale so its c is the same (exact budgets: solved by arithmetic), then times prefill of
@@ -15,10 +15,10 @@ import statistics
 import torch
 
 from bench.artifacts import ensure_calibrated
-from bench.efficiency import Timer, prefill
 from bench.flops import analytic_decoder_flops
 from bench.models import DEFAULT_MODEL, load_model
-from bench.perplexity import wikitext_windows
+from bench.timing import Timer, prefill
+from bench.wikitext import wikitext_windows
 from methods import make_method
 
 
