@@ -16,7 +16,7 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.toml"))
 def test_the_shipped_studies_load():
     assert {p.name for p in CONFIGS} == {"default_cpu.toml", "paper_llama2_7b.toml", "paper_qwen15_7b.toml",
                                          "ftp_recipe_v4.toml", "ftp_recipe_v5.toml", "verdict_smollm2.toml",
-                                         "long_prompts_smollm2.toml"}
+                                         "long_prompts_smollm2.toml", "verdict_gemma3.toml"}
     for path in CONFIGS:
         study = load_study(path)
         if path.name.startswith("ftp_recipe_"):  # an overlay: one of FTP's previous recipes, nothing else
