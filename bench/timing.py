@@ -146,8 +146,9 @@ def parameter_count(model) -> int:
 
 
 # --- the latency sweep: speedups with confidence intervals that survive a noisy machine --------------------------
-CPU_GRID = tuple((b, n) for b in (1, 4) for n in (128, 512, 1024))
-GPU_GRID = tuple((b, n) for b in (1, 4, 16) for n in (512, 2048, 4096))
+# short points at two batch sizes, then long prompts at batch 1 (where a token method's prefill saving grows with N)
+CPU_GRID = (*((b, n) for b in (1, 4) for n in (128, 512, 1024)), (1, 2048), (1, 4096))
+GPU_GRID = (*((b, n) for b in (1, 4, 16) for n in (512, 2048, 4096)), (1, 8192), (1, 16384), (1, 32768))
 HALF_WIDTH = 0.03  # repeats grow until every speedup's 95% CI is within ±3% of it, or the cap is reached
 
 
