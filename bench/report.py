@@ -392,6 +392,9 @@ def write_report(results: str, out: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = []
     for name, (source, draw) in FIGURES.items():
+        (out_dir / name).unlink(missing_ok=True)
+        if accuracy_rows(rows).empty:  # a store of generation tasks only: their table is the long-prompt section
+            continue
         draw(summary if source == "summary" else rows, out_dir / name)
         figures.append(out_dir / name)
     profile_path = out_dir / "layer_profile.png"

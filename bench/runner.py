@@ -30,6 +30,7 @@ from bench.store import ROWS, Store
 from bench.study import model_shape
 from bench.timing import CPU_GRID, GPU_GRID
 from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
+from bench.units.accuracy import fit_pool
 from methods import Method, MethodConfigError
 
 
@@ -119,10 +120,11 @@ class Runner:
         return units
 
     def cell_settings(self, method: Method, unit: str, settings: dict[str, Any]) -> dict[str, Any]:
-        """A length-fitted static method's accuracy cells depend on every task of the study (its pruned model is
-        chosen on their pooled forwards), so the task list is part of their identity."""
+        """A length-fitted static method's accuracy cells depend on the tasks its pruned model is chosen on (the
+        study's multiple-choice tasks pooled; a generation task alone: bench.units.accuracy.fit_pool), so that
+        list is part of their identity."""
         if unit in self.tasks and fits_lengths(method):
-            return {**settings, "pool": list(self.tasks)}
+            return {**settings, "pool": fit_pool(unit, self.tasks)}
         return settings
 
     # -- the study --------------------------------------------------------------------------------------------

@@ -10,6 +10,17 @@ from bench.units.context import CellContext, fits_lengths
 from methods import Method
 
 
+def fit_pool(task: str, tasks: list[str]) -> list[str]:
+    """The tasks whose forwards a length-fitted static method (BlockPruner) is fitted on for `task`'s cell: every
+    multiple-choice task of the study, pooled; a generation task (one prompt length of niah_single_1) on its own,
+    since c on its long prefills is what is matched there (docs/matching.md)."""
+    from bench.tasks import GENERATION_TASKS
+
+    if task in GENERATION_TASKS:
+        return [task]
+    return [t for t in tasks if t not in GENERATION_TASKS]
+
+
 def measure_accuracy(ctx: CellContext, method: Method, task: str, settings: dict[str, Any]):
     """Accuracy, and compute sparsity counted with FlopCounterMode on every forward exactly as it was scored
     (same batches, padding and protected positions). A generation task's c is counted by phase: `compute_sparsity`
@@ -22,7 +33,7 @@ def measure_accuracy(ctx: CellContext, method: Method, task: str, settings: dict
 
     match = MatchResult(target=method.sparsity)
     if fits_lengths(method):
-        pooled = [s for t in ctx.tasks for s in ctx.task_shapes(t, method.sequence_dependent)]
+        pooled = [s for t in fit_pool(task, ctx.tasks) for s in ctx.task_shapes(t, method.sequence_dependent)]
         match = ctx.fit(method, pooled)
     with library_output_to(ctx.log):  # a generated task's own progress bars (RULER) go to the log
         task_dict = build_task_dict([task], settings["limit"], tokenizer=ctx.tokenizer_path)
