@@ -12,17 +12,17 @@ import numpy as np
 import pandas as pd
 
 from bench.store import Store
-from bench.summary import dense_accuracy, paired_retention, primary_metric
+from bench.summary import dense_accuracy, paired_retention, primary_rows
 
 
 def long_context_table(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
     from bench.ruler import NIAH_TASKS
-    from bench.tasks import GENERATION_TASKS, TASKS
+    from bench.tasks import GENERATION_TASKS
 
     gen = rows[rows["task"].isin(GENERATION_TASKS)]
     if gen.empty:
         return pd.DataFrame()
-    acc = gen[gen.apply(lambda r: r["metric"] == primary_metric(r["task"]), axis=1)]
+    acc = primary_rows(gen)
     out = []
     for (model, method, target, seed, device, dtype, task), group in acc.groupby(
             ["model", "method", "target_sparsity", "seed", "device", "dtype", "task"], dropna=False, sort=False):
@@ -40,8 +40,7 @@ def long_context_table(rows: pd.DataFrame, store: Store) -> pd.DataFrame:
                     "acc": float(group["value"].iloc[-1]), "dense_acc": dense_acc,
                     "retention": retention, "ret_lo": lo, "ret_hi": hi,
                     "c_prefill": float(extras.get("compute_sparsity", np.nan)),
-                    "c_decode": float(extras.get("c_decode", np.nan)), "matched": matched,
-                    "primary": TASKS[task].primary_metric})
+                    "c_decode": float(extras.get("c_decode", np.nan)), "matched": matched})
     frame = pd.DataFrame(out)
     frame["_dense"] = frame["method"] != "dense"
     return frame.sort_values(["model", "length", "_dense", "method", "target"]).drop(columns="_dense") \

@@ -51,9 +51,13 @@ def accuracy_rows(rows: pd.DataFrame) -> pd.DataFrame:
     their own table (bench.long_context)."""
     from bench.tasks import GENERATION_TASKS
 
-    acc = rows[~rows["task"].isin(NON_TASK_UNITS) & ~rows["task"].isin(GENERATION_TASKS)]
-    keep = acc.apply(lambda r: r["metric"] == primary_metric(r["task"]), axis=1) if len(acc) else []
-    return acc[keep] if len(acc) else acc
+    return primary_rows(rows[~rows["task"].isin(NON_TASK_UNITS) & ~rows["task"].isin(GENERATION_TASKS)])
+
+
+def primary_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each task's primary metric."""
+    keep = rows.apply(lambda r: r["metric"] == primary_metric(r["task"]), axis=1) if len(rows) else []
+    return rows[keep] if len(rows) else rows
 
 
 def matched_only(acc: pd.DataFrame) -> pd.DataFrame:
