@@ -170,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a study file whose [fields.METHOD] and [calibration.METHOD] tables apply, as in `run` "
                         "(e.g. configs/ftp_recipe_v4.toml); its other keys are not used here")
 
-    sub.add_parser("list", help="methods, tasks and models")
+    p = sub.add_parser("list", help="methods, tasks and models")
+    p.add_argument("--artifacts", action="store_true",
+                   help="the committed calibration artifacts instead: what each serves and which commands load it "
+                        "(methods/artifacts/README.md)")
 
     p = sub.add_parser("gate", help="regression gate against the committed baseline")
     p.add_argument("--config", default=None, help="gate config TOML (default bench/gate.toml)")
@@ -373,6 +376,11 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_list(args) -> int:
+    if args.artifacts:
+        from bench.artifact_index import format_index, index_entries
+
+        print(format_index(index_entries()), end="")
+        return 0
     from bench.models import MODELS
     from bench.tasks import TASKS
     from methods import available_methods, method_class, variant_defaults

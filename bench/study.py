@@ -284,7 +284,7 @@ def _estimate(config, plan, tasks, out) -> None:
         f"{1 / seconds_per_flop / 1e9:.0f} GFLOP/s, the dense prefill rate measured in {where}/ on {measured_model}). "
         "It counts every cell at dense cost and the dense prefill rate, and leaves out calibration, the knob solves "
         "and per-request scoring of token methods and tokenizer differences: the default CPU study (4 tasks × 50 "
-        "items) reads 0.1 CPU-hours and took 17 min on an idle 2-core machine, 9 of them FTP's.")
+        "items) reads 0.1 CPU-hours and took 577 s on an idle 2-core machine (README, \"The default study\").")
 
 
 def _items_in(rows, per_item) -> int:

@@ -54,3 +54,23 @@ def test_calibrate_once_then_load_from_cache(tiny_with_real_vocab, real_tokenize
     assert second["cached"] and not calls
     assert again.artifact["ranking"] == method.artifact["ranking"]
     assert isinstance(again.artifact["block_influence"], list) and not isinstance(again.artifact, torch.Tensor)
+
+
+def test_the_artifact_index_is_current_and_every_history_entry_is_cited():
+    """methods/artifacts/README.md is what `bench list --artifacts` prints today; every committed artifact is in it
+    once; the default study's artifacts are reached by a plain `run`; an artifact no shipped command loads is cited
+    by a committed page (or it should go)."""
+    from bench.artifact_index import INDEX_FILE, format_index, index_entries
+    from bench.paths import REPO_ROOT
+
+    entries = index_entries()
+    assert INDEX_FILE.read_text() == format_index(entries), "rerun `python -m bench list --artifacts > " \
+        "methods/artifacts/README.md`"
+    assert sorted(e.name for e in entries) == sorted(p.name for p in COMMITTED)
+    plain = {e.method for e in entries if e.model == "smollm2-135m" and e.seed == 0
+             and any(r == f"run --methods {e.method}" for r in e.reached_by)}
+    assert {"shortgpt", "blockpruner", "sdtp", "ftp"} <= plain
+    pages = "\n".join(p.read_text() for p in [*(REPO_ROOT / "docs").rglob("*.md"), REPO_ROOT / "README.md"])
+    for entry in entries:
+        if not entry.reached_by:
+            assert entry.name in pages, f"{entry.name}: no shipped command loads it and no page cites it"
