@@ -205,8 +205,9 @@ def dry_run(config, out=print) -> None:
     if sweep:
         out(f"[dry-run] + {sweep} latency-sweep cells (one per pruned method setting)")
     out(f"[dry-run] {len(plan)} method settings × {len(units)} units = {len(plan) * len(units)} cells "
-        f"(tasks: {', '.join(tasks)}; limit {config.limit or 'all'} items; WikiText-2 {config.ppl_windows or 'all'} "
-        f"windows × {config.ppl_seq_len}; efficiency probe)")
+        f"(tasks: {', '.join(tasks)}; limit {config.limit or 'all'} items"
+        + (f"; WikiText-2 {config.ppl_windows or 'all'} windows × {config.ppl_seq_len}" if config.measure_ppl else "")
+        + ("; efficiency probe" if config.measure_efficiency else "") + ")")
     out("| method | sparsity | seed | fields set by the study | calibration artifact |")
     out("|---|---|---|---|---|")
     to_calibrate = {}
