@@ -104,7 +104,7 @@ def _reached(targets: set[float]) -> dict[str, list[str]]:
     return reached
 
 
-def _registered_name(key: dict) -> str:
+def registered_name(key: dict) -> str:
     """The registered variant whose defaults the key's fields hold (the most specific), else the class name."""
     from methods import available_methods, method_class, variant_defaults
 
@@ -128,7 +128,7 @@ def index_entries() -> list[Entry]:
         key = meta["key"]
         fields = key.get("fields", {})
         entries.append(Entry(
-            name=name, method=_registered_name(key), model=key["model"], target=fields.get("sparsity"),
+            name=name, method=registered_name(key), model=key["model"], target=fields.get("sparsity"),
             seed=int(key["calibration"]["seed"]), seconds=meta.get("calibration_seconds"),
             created=str(meta.get("created", ""))[:10], reached_by=tuple(reached.get(name, ()))))
     return sorted(entries, key=lambda e: (not e.reached_by, e.model, e.method, e.target or 0, e.seed, e.created))

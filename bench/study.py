@@ -220,12 +220,43 @@ def dry_run(config, out=print) -> None:
             found = find_artifact(name)
             status = f"{name}: {'cached' if found else 'to calibrate'}"
             if not found:
-                to_calibrate[name] = settings
+                to_calibrate[name] = method
         else:
             status = "none needed"
         out(f"| {method.registry_name} | {method.sparsity:g} | {method.seed} | {fields or '-'} | {status} |")
     out(f"[dry-run] artifacts to calibrate: {len(to_calibrate)} (each once, shared by every cell that needs it)")
+    if to_calibrate:
+        _calibration_estimate(config.model, list(to_calibrate.values()), out)
     _estimate(config, plan, tasks, out)
+
+
+def _calibration_estimate(model: str, methods, out) -> None:
+    """Calibration time from the committed artifacts of the same method (registered variant, else class) on the
+    same model: their median `calibration_seconds`, as measured where they were made."""
+    import json
+    from statistics import median
+
+    from bench.artifact_index import registered_name
+    from bench.artifacts import COMMITTED_DIR
+
+    made: dict[tuple[str, str], list[float]] = {}
+    for path in COMMITTED_DIR.glob("*/artifact.json"):
+        meta = json.loads(path.read_text())
+        if meta["key"]["model"] == model and meta.get("calibration_seconds"):
+            for label in (registered_name(meta["key"]), meta["key"]["method"]):
+                made.setdefault((label, meta["key"]["method"]), []).append(float(meta["calibration_seconds"]))
+    total, parts, unknown = 0.0, [], []
+    for method in methods:
+        cls = type(method).__name__
+        seconds = made.get((method.registry_name, cls)) or made.get((cls, cls))
+        if seconds is None:
+            unknown.append(method.registry_name)
+            continue
+        total += median(seconds)
+        parts.append(f"{method.registry_name} c = {method.sparsity:g} seed {method.seed} ~{median(seconds) / 60:.0f} min")
+    line = f"[dry-run] calibration: ~{total / 60:.0f} min in all ({'; '.join(parts) or 'none known'}"
+    out(line + (f"; no committed artifact of {', '.join(sorted(set(unknown)))} on {model} to time it by" if unknown
+                else "") + "), the median calibration time of the committed artifacts of the same method and model")
 
 
 def _estimate(config, plan, tasks, out) -> None:
@@ -241,19 +272,28 @@ def _estimate(config, plan, tasks, out) -> None:
         out(f"[dry-run] cost: no estimate (the shape of {config.model!r} is not known offline: pass a local "
             "directory or add it to bench.study.KNOWN_SHAPES)")
         return
-    rows, where = None, None
-    for where in dict.fromkeys([config.results, "results"]):  # the study's store, then the default one
+    from bench.paths import REPO_ROOT
+
+    def measured(where):
         try:
             rows = Store(where).load_rows()
         except Exception:  # noqa: BLE001 - no store there: nothing measured
-            rows = None
-        if rows is not None and len(rows) and ((rows["task"] == "efficiency") & (rows["method"] == "dense")).any():
-            break
-        rows = None
-    if rows is None:
-        out(f"[dry-run] cost: no estimate (no dense efficiency measurement in {config.results}/ or results/; run a "
-            "small study on this machine first, e.g. `python -m bench run --methods shortgpt --tasks piqa --limit 20`)")
+            return None
+        has = len(rows) and ((rows["task"] == "efficiency") & (rows["method"] == "dense")).any()
+        return rows if has else None
+
+    # the study's store, the default one, then the committed studies (those of this model first)
+    committed = sorted(str(p) for p in (REPO_ROOT / "results" / "studies").glob("*") if p.is_dir())
+    found = [(where, rows) for where in dict.fromkeys([config.results, "results", *committed])
+             if (rows := measured(where)) is not None]
+    found.sort(key=lambda wr: (wr[0] not in (config.results, "results"), not (wr[1]["model"] == config.model).any()))
+    if not found:
+        out(f"[dry-run] cost: no estimate (no dense efficiency measurement in {config.results}/, results/ or "
+            "results/studies/; run a small study on this machine first, e.g. `python -m bench run --methods "
+            "shortgpt --tasks piqa --limit 20`)")
         return
+    where, rows = found[0]
+    where = str(Path(where).relative_to(REPO_ROOT)) if Path(where).is_absolute() else where
     wanted = "cuda" if config.device == "cuda" else "cpu"
     dense = rows[(rows["task"] == "efficiency") & (rows["method"] == "dense")]
     on_device = dense[dense["device"].str.startswith(wanted)]

@@ -16,13 +16,21 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.toml"))
 def test_the_shipped_studies_load():
     assert {p.name for p in CONFIGS} == {"default_cpu.toml", "paper_llama2_7b.toml", "paper_qwen15_7b.toml",
                                          "ftp_recipe_v4.toml", "ftp_recipe_v5.toml", "verdict_smollm2.toml",
-                                         "long_prompts_smollm2.toml", "verdict_gemma3.toml"}
+                                         "long_prompts_smollm2.toml", "verdict_gemma3.toml",
+                                         "verdict_smollm2_seeds.toml", "niah_8k_smollm2.toml"}
     for path in CONFIGS:
         study = load_study(path)
         if path.name.startswith("ftp_recipe_"):  # an overlay: one of FTP's previous recipes, nothing else
             assert set(study) == {"method_fields", "calibration"} and set(study["method_fields"]) == {"ftp"}
             continue
         assert study["methods"] and study["sparsities"]
+    # the seeds file adds cells to the verdict's store: the same store, tasks, items and settings, so its seed-0
+    # cells are the verdict's own (reused, not recomputed)
+    verdict, seeds = (load_study(REPO_ROOT / "configs" / f"verdict_smollm2{s}.toml") for s in ("", "_seeds"))
+    for key in ("results", "model", "tasks", "limit", "ppl_windows", "ppl_seq_len", "batch_size", "sparsities",
+                "method_fields", "seed"):
+        assert seeds[key] == verdict[key], key
+    assert set(seeds["methods"]) < set(verdict["methods"]) and seeds["calibration_seeds"] == [0, 1, 2]
     paper = load_study(REPO_ROOT / "configs" / "paper_llama2_7b.toml")
     assert paper["sparsities"] == [0.22, 0.25, 0.30, 0.40] and paper["ppl_seq_len"] == 2048
     assert paper["limit"] is None and paper["dtype"] == "bfloat16"
