@@ -51,7 +51,9 @@ class Workload:
             return self
         share = max_tokens / sum(tokens)
         step = max(1, round(1 / share))
-        return Workload(list(self.forwards)[step // 2::step])
+        forwards = list(self.forwards)
+        # a few forwards each longer than the budget (10 prompts of 8K) would leave none: keep the middle one
+        return Workload(forwards[step // 2::step] or [forwards[len(forwards) // 2]])
 
 
 @dataclass

@@ -255,3 +255,17 @@ def test_every_method_is_matched_by_the_harness_rule(deep, name):
     assert abs(measured - 0.25) <= MATCH_TOLERANCE, (name, measured)
     if result is not None:  # the stats report the knob in force: the solved one
         assert (stats["knob"], stats["knob_value"]) == (knob.name, pytest.approx(result.value))
+
+
+def test_a_subsample_keeps_a_forward_when_each_is_longer_than_the_budget():
+    """Ten 8K prompts against a 2,048-token solve budget (RULER at 8K): the subsample holds one forward, the middle
+    one, not none (an empty workload divided c by zero); below the budget it is the workload itself."""
+    from bench.matching import SOLVE_TOKENS
+
+    forwards = [(torch.full((1, 8192), i), None, {}) for i in range(10)]
+    picked = Workload(forwards).subsample(SOLVE_TOKENS).forwards
+    assert len(picked) == 1 and int(picked[0][0][0, 0]) == 5
+    short = Workload(forwards[:1]).subsample(10 ** 6)
+    assert short.forwards == forwards[:1]
+    spread = Workload([(torch.full((1, 512), i), None, {}) for i in range(16)]).subsample(SOLVE_TOKENS).forwards
+    assert [int(f[0][0, 0]) for f in spread] == [2, 6, 10, 14]  # evenly spread, unchanged
