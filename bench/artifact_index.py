@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.artifacts import COMMITTED_DIR, CalibrationSettings, artifact_key, key_hash
+from bench.artifacts import COMMITTED_DIR, artifact_name
 from bench.paths import REPO_ROOT
 
 INDEX_FILE = COMMITTED_DIR / "README.md"
@@ -68,11 +68,6 @@ def _variants(label: str, config, sparsities) -> list[tuple[str, object]]:
     return variants
 
 
-def _artifact_name(model: str, method) -> str:
-    key = artifact_key(model, method, CalibrationSettings.for_method(method, method.seed))
-    return f"{type(method).name}-{key_hash(key)}"
-
-
 def _reached(targets: set[float]) -> dict[str, list[str]]:
     """artifact directory name -> the commands whose plan loads it: a study file as shipped, then (where that does
     not) the same file or a plain `run` narrowed to one method, seed and target."""
@@ -98,7 +93,7 @@ def _reached(targets: set[float]) -> dict[str, list[str]]:
     for label, config in candidates:
         for method in plan_methods(config, model_shape(config.model)):
             if method.needs_calibration:
-                labels = reached.setdefault(_artifact_name(config.model, method), [])
+                labels = reached.setdefault(artifact_name(config.model, method, method.seed), [])
                 if not any(label.startswith(f"{earlier} ") or label == earlier for earlier in labels):
                     labels.append(label)
     return reached
@@ -165,9 +160,3 @@ def format_index(entries: list[Entry]) -> str:
         lines.append(f"| `{e.name}` | {e.method} | {e.model} | {target} | {e.seed} | {seconds} | {e.created} | "
                      f"{', '.join(f'`{r}`' for r in shown(e.reached_by)) or '-'} |")
     return "\n".join(lines) + "\n"
-
-
-def write_index(path: Path = INDEX_FILE) -> str:
-    text = format_index(index_entries())
-    path.write_text(text)
-    return text

@@ -135,12 +135,16 @@ def find_artifact(name: str) -> Path | None:
     return None
 
 
+def artifact_name(model_id: str, method: Method, seed: int) -> str:
+    """The directory name (`<method>-<key hash>`) of this method's artifact on this model at this calibration seed."""
+    return _entry_name(method, key_hash(artifact_key(model_id, method, CalibrationSettings.for_method(method, seed))))
+
+
 def artifact_exists(method: Method, model_id: str, seed: int = 0) -> bool:
     """Whether a cached or committed artifact serves this method on this model (no calibration needed)."""
     if not method.needs_calibration:
         return True
-    key = artifact_key(model_id, method, CalibrationSettings.for_method(method, seed))
-    return find_artifact(_entry_name(method, key_hash(key))) is not None
+    return find_artifact(artifact_name(model_id, method, seed)) is not None
 
 
 def ensure_calibrated(method: Method, model, tokenizer, model_id: str, seed: int = 0,

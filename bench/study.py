@@ -187,7 +187,7 @@ def model_shape(model: str):
 
 def dry_run(config, out=print) -> None:
     """Print what `run` would do with `config` (a bench.plan.RunConfig) and what it would cost, loading no model."""
-    from bench.artifacts import CalibrationSettings, artifact_key, find_artifact, key_hash
+    from bench.artifacts import artifact_name, find_artifact
     from bench.budgets import shape_matters
     from bench.defaults import DEFAULT_TASKS
     from bench.plan import overrides_for, plan_methods
@@ -215,8 +215,7 @@ def dry_run(config, out=print) -> None:
         fields = {**overrides_for(method.registry_name, config.method_fields),
                   **{f"calibration.{k}": v for k, v in overrides_for(method.registry_name, config.calibration).items()}}
         if method.needs_calibration:
-            settings = CalibrationSettings.for_method(method, method.seed)
-            name = f"{type(method).name}-{key_hash(artifact_key(config.model, method, settings))}"
+            name = artifact_name(config.model, method, method.seed)
             found = find_artifact(name)
             status = f"{name}: {'cached' if found else 'to calibrate'}"
             if not found:
@@ -239,16 +238,15 @@ def _calibration_estimate(model: str, methods, out) -> None:
     from bench.artifact_index import registered_name
     from bench.artifacts import COMMITTED_DIR
 
-    made: dict[tuple[str, str], list[float]] = {}
+    made: dict[str, list[float]] = {}  # registered variant name, and class name -> calibration seconds
     for path in COMMITTED_DIR.glob("*/artifact.json"):
         meta = json.loads(path.read_text())
         if meta["key"]["model"] == model and meta.get("calibration_seconds"):
             for label in (registered_name(meta["key"]), meta["key"]["method"]):
-                made.setdefault((label, meta["key"]["method"]), []).append(float(meta["calibration_seconds"]))
+                made.setdefault(label, []).append(float(meta["calibration_seconds"]))
     total, parts, unknown = 0.0, [], []
     for method in methods:
-        cls = type(method).__name__
-        seconds = made.get((method.registry_name, cls)) or made.get((cls, cls))
+        seconds = made.get(method.registry_name) or made.get(type(method).__name__)
         if seconds is None:
             unknown.append(method.registry_name)
             continue
