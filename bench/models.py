@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from bench.cachedir import cached_dir
+from bench.console import terminal
 from bench.defaults import DEFAULT_MODEL
 from bench.errors import BenchError
 from bench.paths import cache_dir
@@ -113,7 +114,7 @@ def _materialise_zoo_model(spec: ModelSpec) -> Path:
 
     def build(tmp: Path) -> None:
         gguf = _wheel_gguf_path(spec, tmp)
-        print(f"[bench] dequantizing {gguf.name} once into the model cache (20-60 s) ...", flush=True)
+        print(f"[bench] dequantizing {gguf.name} once into the model cache (20-60 s) ...", file=terminal(), flush=True)
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -126,7 +127,7 @@ def _materialise_zoo_model(spec: ModelSpec) -> Path:
         tokenizer.save_pretrained(tmp)
         if spec.parts:
             gguf.unlink()  # the assembled GGUF is only an input
-        print(f"[bench] model cached in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"[bench] model cached in {time.perf_counter() - t0:.0f} s", file=terminal(), flush=True)
 
     return cached_dir(cache_dir() / "models" / spec.name, build)
 
