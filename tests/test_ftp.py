@@ -4,6 +4,7 @@ decoding against a full-sequence reference, padding, calibration end to end."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,7 +25,6 @@ from methods.ftp.router import (
 )
 from methods.ftp.schedule import GAConfig, genetic_search, token_sparsity_for_compute, uniform_schedule
 from methods.ftp.training import (
-    TrainConfig,
     distillation_loss,
     guide_loss,
     guide_weight,
@@ -39,6 +39,11 @@ SCHEDULE = [0.0, 0.5, 0.25, 0.4, 0.6, 0.3]  # six blocks, as the `tiny` fixture
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def recipe(**changes):
+    """The test preset's router-training recipe (FTP.train_config, the one source of its values) with `changes`."""
+    return replace(FTP(sparsity=0.25, preset="test").train_config(), **changes)
 
 
 def _router(compute_bias: float = 0.0) -> TokenRouter:
@@ -551,7 +556,7 @@ def test_decode_features_equal_features_recomputed_over_the_sequence(tiny, posit
 
 
 def _warm_started_router(tiny, windows: torch.Tensor) -> RoutingController:
-    config = TrainConfig(warm_start_steps=400, warm_start_lr=2e-2)
+    config = recipe(warm_start_steps=400, warm_start_lr=2e-2)
     ctl = _controller(tiny.config, SCHEDULE, TokenRouter())
     with routed_model(tiny, ctl):
         features, decisions = teacher_features(tiny, ctl, windows, __import__("random").Random(0), config,
@@ -583,7 +588,7 @@ def test_model_selection_keeps_the_best_router_including_the_start(tiny):
     start = {k: v.clone() for k, v in ctl.router.state_dict().items()}
     scores = iter(range(100))
     with routed_model(tiny, ctl):
-        history = train_router(tiny, ctl, _ids(32, batch=4), TrainConfig(learning_rate=1e-1, select_every=2),
+        history = train_router(tiny, ctl, _ids(32, batch=4), recipe(learning_rate=1e-1, select_every=2, standardised=False),
                                select=lambda: {"loss": float(next(scores))}, progress=False)
     assert [h["step"] for h in history["selection"]] == [0, 2, 4]
     assert len(history["loss_total"]) == 4 and history["loss_total"][0] > 0
@@ -605,7 +610,7 @@ def test_standardised_model_selection_restores_the_best_router_in_raw_coordinate
 
     moments = (features.mean(0), features.std(0))
     with routed_model(tiny, ctl):
-        train_router(tiny, ctl, _ids(32, batch=4), TrainConfig(learning_rate=5e-2, select_every=2, standardised=True),
+        train_router(tiny, ctl, _ids(32, batch=4), recipe(learning_rate=5e-2, select_every=2, standardised=True),
                      select=select, progress=False, moments=moments)
     assert len(scored) == 3 and not torch.allclose(scored[0], scored[1])
     out = ctl.router(features).detach()
@@ -694,11 +699,11 @@ def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row
 
     row = torch.arange(512)
     rng = random.Random(0)
-    assert training_window(row, rng, TrainConfig()) is row and rng.random() == random.Random(0).random()
-    lengths = [len(training_window(row, rng, TrainConfig(min_window=64))) for _ in range(400)]
+    assert training_window(row, rng, recipe(min_window=0)) is row and rng.random() == random.Random(0).random()
+    lengths = [len(training_window(row, rng, recipe(min_window=64))) for _ in range(400)]
     assert min(lengths) >= 64 and max(lengths) <= 512 and max(lengths) - min(lengths) > 300
-    assert torch.equal(training_window(row, random.Random(1), TrainConfig(min_window=64)),
-                       row[: len(training_window(row, random.Random(1), TrainConfig(min_window=64)))])
+    assert torch.equal(training_window(row, random.Random(1), recipe(min_window=64)),
+                       row[: len(training_window(row, random.Random(1), recipe(min_window=64)))])
     with pytest.raises(MethodConfigError, match="train_min_seq_len"):
         make_method("ftp", sparsity=0.25, train_min_seq_len=600)
 
@@ -739,7 +744,7 @@ def test_the_joint_guide_loss_in_the_warm_start_form_is_the_warm_starts_objectiv
 
     torch.manual_seed(0)
     ctl = _controller(tiny.config, SCHEDULE, TokenRouter())
-    config = TrainConfig(guide_like_warm_start=True, warm_start_logit_bce=True)
+    config = recipe(guide_like_warm_start=True, warm_start_logit_bce=True, standardised=False)
     ids = _ids(32, batch=1)
     with routed_model(tiny, ctl), torch.no_grad(), ctl.simulating(sample_gates=True) as sim:
         tiny.model(input_ids=ids, use_cache=False)

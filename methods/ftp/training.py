@@ -116,29 +116,32 @@ def guide_weight(step: int, total_steps: int, start: float = 1.0, decay_fraction
 
 @dataclass(frozen=True)
 class TrainConfig:
-    learning_rate: float = 1e-3
-    guide_weight_start: float = 1.0
-    guide_decay_fraction: float = 0.5
-    sparsity_weight: float = 1.0
-    distill_weight: float = 1.0
-    distill_target: str = "final_norm"  # "final_norm": last_hidden_state (LM-head input); "block_output": raw
+    """The router-training recipe, as `methods.ftp.FTP.train_config` resolves it from FTP's fields and preset (the
+    one source of its values: no defaults here)."""
+
+    learning_rate: float
+    guide_weight_start: float
+    guide_decay_fraction: float
+    sparsity_weight: float
+    distill_weight: float
+    distill_target: str  # "final_norm": last_hidden_state (LM-head input); "block_output": raw
     # residual stream; "logits": KL(dense ‖ routed) of the next-token distributions
-    distill_normalised: bool = True  # L_d ÷ Var(dense target) (MSE targets only)
-    standardised: bool = False  # joint training on standardised router inputs (as the warm start fits)
-    hard_sparsity: bool = True  # ŝ_i from the straight-through hard gates (False: soft probabilities)
-    scale_low: float = 0.6  # schedule scale drawn per training window from [scale_low, scale_high]
-    scale_high: float = 1.4
-    max_sparsity: float = 0.9
-    warm_start_steps: int = 3000  # minibatch Adam steps of the guide-only warm start
-    warm_start_lr: float = 1e-2
-    warm_start_batch: int = 8192
-    warm_start_weighted: bool = True  # BCE weights 1 + attention received
-    warm_start_smoothing: float = 0.05  # teacher targets 0.05 / 0.95: logits stay where Gumbel gradients live
-    warm_start_rounds: int = 2  # 1 + rounds of labels collected while the learned router routes (DAgger)
-    warm_start_logit_bce: bool = False  # BCE from the logit difference (stable) instead of softmax probabilities
-    select_every: int = 40  # joint-training steps between held-out model-selection checks
-    guide_like_warm_start: bool = False  # joint L_g weighted and smoothed as the warm start (weighted_guide_loss)
-    min_window: int = 0  # 0: every training window at full length; else cut to a length drawn from [min_window, full]
+    distill_normalised: bool  # L_d ÷ Var(dense target) (MSE targets only)
+    standardised: bool  # joint training on standardised router inputs (as the warm start fits)
+    hard_sparsity: bool  # ŝ_i from the straight-through hard gates (False: soft probabilities)
+    scale_low: float  # schedule scale drawn per training window from [scale_low, scale_high]
+    scale_high: float
+    max_sparsity: float
+    warm_start_steps: int  # minibatch Adam steps of the guide-only warm start
+    warm_start_lr: float
+    warm_start_batch: int
+    warm_start_weighted: bool  # BCE weights 1 + attention received
+    warm_start_smoothing: float  # teacher targets 0.05 / 0.95: logits stay where Gumbel gradients live
+    warm_start_rounds: int  # 1 + rounds of labels collected while the learned router routes (DAgger)
+    warm_start_logit_bce: bool  # BCE from the logit difference (stable) instead of softmax probabilities
+    select_every: int  # joint-training steps between held-out model-selection checks
+    guide_like_warm_start: bool  # joint L_g weighted and smoothed as the warm start (weighted_guide_loss)
+    min_window: int  # 0: every training window at full length; else cut to a length drawn from [min_window, full]
 
 
 def sampled_schedule(schedule, rng: random.Random, config: TrainConfig) -> tuple[float, ...]:
