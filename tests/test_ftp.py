@@ -667,7 +667,6 @@ def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
                                     "train_seq_len", "learning_rate", "select_every")} == {
         "warm_start_logit_bce": True, "selection_tolerance": 0.002, "train_min_seq_len": 16, "train_seq_len": 512,
         "learning_rate": 3e-4, "select_every": 20}
-    assert "guide_like_warm_start" not in current
 
     def committed_for(name, fields, seed=0):
         method = make_method(name, sparsity=0.25, seed=seed, **overrides_for(name, fields))
@@ -735,30 +734,3 @@ def real_config():
 
     return LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                        num_hidden_layers=30, head_dim=64)
-
-
-def test_the_joint_guide_loss_in_the_warm_start_form_is_the_warm_starts_objective(tiny):
-    """`guide_like_warm_start`: the joint L_g over one simulated forward is the warm start's weighted, smoothed BCE
-    over the same (token, block) examples, and joint training runs with it."""
-    from methods.ftp.training import weighted_bce, weighted_guide_loss
-
-    torch.manual_seed(0)
-    ctl = _controller(tiny.config, SCHEDULE, TokenRouter())
-    config = recipe(guide_like_warm_start=True, warm_start_logit_bce=True, standardised=False)
-    ids = _ids(32, batch=1)
-    with routed_model(tiny, ctl), torch.no_grad(), ctl.simulating(sample_gates=True) as sim:
-        tiny.model(input_ids=ids, use_cache=False)
-        valid = ctl.state.valid
-        loss = weighted_guide_loss(sim, valid, config)
-    blocks = list(sim.logits)
-    assert blocks and set(blocks) == set(sim.static_compute)
-    scores = torch.cat([sim.scores[i][valid] for i in blocks])
-    weights = 1 + scores.clamp(min=0)
-    targets = torch.cat([sim.static_compute[i][valid] for i in blocks]).float() * 0.9 + 0.05
-    expected = weighted_bce(torch.cat([sim.logits[i][valid] for i in blocks]), targets, weights / weights.mean(),
-                            True)
-    torch.testing.assert_close(loss, expected)
-    assert float(scores.max()) > float(scores.min())  # the weights differ: the sink's example counts more
-    with routed_model(tiny, ctl):
-        history = train_router(tiny, ctl, _ids(32, batch=4), config, progress=False)
-    assert len(history["loss_guide"]) == 4 and all(math.isfinite(v) for v in history["loss_guide"])

@@ -121,12 +121,12 @@ ROUTER_TRAINING_FIELDS = (
     "warm_start_steps", "warm_start_lr", "warm_start_batch", "warm_start_weighted", "warm_start_smoothing",
     "warm_start_rounds", "warm_start_logit_bce", "selection_tolerance", "train_sequences", "train_seq_len",
     "train_min_seq_len", "learning_rate", "select_every", "selection_seq_len",
-    "train_scale_low", "train_scale_high", "guide_weight_start", "guide_decay_fraction", "guide_like_warm_start",
+    "train_scale_low", "train_scale_high", "guide_weight_start", "guide_decay_fraction",
     "sparsity_loss_weight", "hard_sparsity", "distill_loss_weight", "distill_target", "distill_normalised", "joint_standardised")
 # Fields added after artifacts were committed: at these values (the behaviour before the field existed) they stay
 # out of the artifact key, so the committed artifacts keep their keys.
 LEGACY_KEY_VALUES: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01,
-                                     "train_min_seq_len": 0, "guide_like_warm_start": False}
+                                     "train_min_seq_len": 0}
 SELECTION_ITERATIONS = 6  # solver steps per model-selection check (twice as many below a ±0.01 tolerance)
 
 
@@ -182,7 +182,6 @@ class FTP(Method):
     gumbel_tau: float = 1.0
     guide_weight_start: float = 1.0
     guide_decay_fraction: float = 0.5
-    guide_like_warm_start: bool = False  # joint L_g weighted and smoothed as the warm start fits it (training)
     sparsity_loss_weight: float = 1.0
     hard_sparsity: bool = True
     distill_loss_weight: float = 1.0
@@ -307,8 +306,7 @@ class FTP(Method):
                            warm_start_weighted=self.warm_start_weighted,
                            warm_start_smoothing=self.warm_start_smoothing, warm_start_rounds=self.warm_start_rounds,
                            warm_start_logit_bce=self.warm_start_logit_bce,
-                           select_every=self.select_every, min_window=self.train_min_seq_len,
-                           guide_like_warm_start=self.guide_like_warm_start)
+                           select_every=self.select_every, min_window=self.train_min_seq_len)
 
     def calibrate(self, model, tokenizer, calibration: CalibrationSet) -> dict[str, Any]:
         torch.manual_seed(self.seed)  # router init

@@ -21,8 +21,7 @@ the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper lea
    routed) of the next-token distributions (nats per position, the scale of the LM loss; the MSE on SmolLM2's
    hidden states, even ÷ the dense variance, sat at 0.6-0.7 and joint training drifted from the warm start); and
    the optimiser works on standardised router inputs like the warm start (Adam's per-weight steps would otherwise
-   be ~70× larger on the attention-score input than on the others), folded back afterwards. Opt-in
-   (`guide_like_warm_start`): L_g in the warm start's weighted, smoothed form (`weighted_guide_loss`).
+   be ~70× larger on the attention-score input than on the others), folded back afterwards.
 3. **Model selection on held-out calibration text** (windows of the length inference sees): the router after the
    warm start and every `select_every` steps is scored by its LM loss at the target compute sparsity (schedule
    scale solved per candidate), and the best is kept, so the kept router is never worse than the warm start on that text.
@@ -57,22 +56,6 @@ def guide_loss(p_compute: dict[int, torch.Tensor], static_compute: dict[int, tor
         losses.append(F.binary_cross_entropy(p[valid], target[valid]) if valid is not None
                       else F.binary_cross_entropy(p, target))
     return torch.stack(losses).mean() if losses else torch.zeros(())
-
-
-def weighted_guide_loss(sim, valid: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """L_g in the warm start's form (`TrainConfig.guide_like_warm_start`): BCE against the static decision over
-    every (valid token, routed block) of the forward, each example weighted by 1 + the attention its token receives
-    (÷ their mean) and the targets smoothed, as `warm_start` fits them, so joint training starts at the minimum of
-    its own guide term (the plain `guide_loss` is unweighted and unsmoothed: the attention sink's one example per
-    row and block weighs little in it). Measured on seed 0 (docs/experiments/ftp-router.md), the first joint steps still dropped the sink
-    in some blocks with it: the guide's form is not what pulls the router off its warm start."""
-    blocks = list(sim.logits)
-    if not blocks:
-        return torch.zeros(())
-    logits = torch.cat([sim.logits[i][valid] for i in blocks])
-    decisions = torch.cat([sim.static_compute[i][valid] for i in blocks]).to(logits.dtype)
-    scores = torch.cat([sim.scores[i][valid] for i in blocks]).to(logits.dtype)
-    return weighted_bce(logits, *imitation_targets(decisions, scores, config), config.warm_start_logit_bce)
 
 
 def imitation_targets(decisions: torch.Tensor, scores: torch.Tensor,
@@ -140,7 +123,6 @@ class TrainConfig:
     warm_start_rounds: int  # 1 + rounds of labels collected while the learned router routes (DAgger)
     warm_start_logit_bce: bool  # BCE from the logit difference (stable) instead of softmax probabilities
     select_every: int  # joint-training steps between held-out model-selection checks
-    guide_like_warm_start: bool  # joint L_g weighted and smoothed as the warm start (weighted_guide_loss)
     min_window: int  # 0: every training window at full length; else cut to a length drawn from [min_window, full]
 
 
@@ -326,8 +308,7 @@ def _joint_epoch(model, controller: RoutingController, windows: torch.Tensor, co
             with torch.enable_grad(), controller.simulating(sample_gates=True) as sim:
                 hidden = _final_hidden(model, controller, input_ids, config.distill_target)
                 valid = controller.state.valid
-                l_guide = (weighted_guide_loss(sim, valid, config) if config.guide_like_warm_start
-                           else guide_loss(sim.p_compute, sim.static_compute, valid))
+                l_guide = guide_loss(sim.p_compute, sim.static_compute, valid)
                 gates = sim.gates if config.hard_sparsity else sim.p_compute
                 l_sparsity = sparsity_loss(gates, controller.policy.schedule, valid)
                 l_distill = distillation_loss(hidden, dense_hidden, config.distill_normalised, config.distill_target)
