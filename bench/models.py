@@ -4,8 +4,10 @@ unless the user names a hub model."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,7 +118,10 @@ def _materialise_zoo_model(spec: ModelSpec) -> Path:
         gguf = _wheel_gguf_path(spec, tmp)
         print(f"[bench] dequantizing {gguf.name} once into the model cache (20-60 s) ...", file=terminal(), flush=True)
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers' own conversion bar stays off the terminal (bench's lines above and below say what happens);
+        # a failure still raises
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # save_pretrained refuses a quantized model: the weights are already dequantized to fp32 here.
         model.config.quantization_config = None

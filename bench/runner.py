@@ -138,18 +138,16 @@ class Runner:
         """The cells of `self.plan[i]` for each i, in this process (loading the model if none was given)."""
         c = self.config
         torch.manual_seed(c.seed)
-        log = None if c.verbose else Path(c.results) / "run.log"
         with libraries_quiet(c.verbose):
             if self.model is None:
-                # a first load's GGUF conversion bar (transformers' own tqdm) goes to the log with the rest
-                with library_output_to(log):
-                    self.model, self.tokenizer = self.clock.timed("load model",
-                                                                  lambda: load_model(c.model, c.device, c.dtype))
+                self.model, self.tokenizer = self.clock.timed("load model",
+                                                              lambda: load_model(c.model, c.device, c.dtype))
             if not self.sized:
                 self.size_plan(self.model.config)
             with cpu_threads(self.model, c.threads) as threads:
                 self.threads_used = threads
                 self.provenance = Provenance.current(c.model, self.model, c.seed, c.batch_size)
+                log = None if c.verbose else Path(c.results) / "run.log"
                 self.context = CellContext(self.model, self.tokenizer, self.tasks, c.limit, c.batch_size, c.progress,
                                            log=log)
                 if clean:
