@@ -4,13 +4,12 @@ unless the user names a hub model."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def _materialise_zoo_model(spec: ModelSpec) -> Path:
         t0 = time.perf_counter()
         # transformers' own conversion bar stays off the terminal (bench's lines above and below say what happens);
         # a failure still raises
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
+        with open(os.devnull, "w") as quiet, redirect_stderr(quiet):
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # save_pretrained refuses a quantized model: the weights are already dequantized to fp32 here.
