@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the artifact into methods/artifacts/ (maintainers: artifacts shipped with the repo)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a study file whose [fields.METHOD] and [calibration.METHOD] tables apply, as in `run` "
-                        "(e.g. configs/ftp_recipe_v4.toml); its other keys are not used here")
+                        "(e.g. configs/verdict_gemma3.toml); its other keys are not used here")
 
     p = sub.add_parser("list", help="methods, tasks and models")
     p.add_argument("--artifacts", action="store_true",

@@ -20,7 +20,6 @@ from methods.ftp.router import (
     newest_token_features,
     router_features,
     static_compute_mask,
-    token_positions,
     topk_compute_mask,
 )
 from methods.ftp.schedule import GAConfig, genetic_search, token_sparsity_for_compute, uniform_schedule
@@ -185,30 +184,6 @@ def test_static_router_keeps_first_token_and_recent_window(tiny):
             assert ctl.last_decisions[i][0].nonzero()[:, 0].tolist() == expected
 
 
-def _static_rule_misses(scale: str, threshold: float, length: int, sparsity: float) -> int:
-    """Tokens on which "first token, or position factor ≥ threshold" disagrees with the static rule."""
-    valid = torch.ones(1, length, dtype=torch.bool)
-    position = token_positions(valid, scale)
-    rule = (position >= threshold) | (torch.arange(length) == 0)
-    return int((rule != static_compute_mask(valid, sparsity)).sum())
-
-
-@pytest.mark.parametrize("sparsity", [0.15, 0.3, 0.5])
-def test_root_position_keeps_the_static_rule_at_every_length(sparsity):
-    """On the "root" scale (j / N)^(1/4) one threshold, s^(1/4), reproduces the static rule at any length to within
-    a token of rounding, so a router fitted on 256-token windows draws the same boundary at 32 or 512 tokens (and
-    the first token stays 0.2+ away from the second); on the "log" scale the boundary drawn at 256 tokens is off
-    by many tokens at 512 and at 32."""
-    root = sparsity ** 0.25
-    assert all(_static_rule_misses("root", root, n, sparsity) <= 1 for n in (32, 256, 512, 2048))
-    assert float(token_positions(torch.ones(1, 512, dtype=torch.bool), "root")[0, 1]) > 0.2
-    n_fit = 256
-    log_threshold = math.log1p(sparsity * n_fit + 1) / math.log1p(n_fit)  # the boundary as fitted at 256
-    assert _static_rule_misses("log", log_threshold, n_fit, sparsity) <= 1
-    assert _static_rule_misses("log", log_threshold, 512, sparsity) > 10
-    assert _static_rule_misses("log", log_threshold, 32, sparsity) > 2
-
-
 def test_topk_budget_excludes_padding():
     p = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.2, 0.6]])
     valid = torch.tensor([[False, True, True, True, True, True]])
@@ -358,17 +333,14 @@ def test_each_loss_is_zero_where_it_should_be():
     assert float(sparsity_loss(p, [0.0, 0.5, 0.1])) == 0.0  # met exactly
     assert float(sparsity_loss(p, [0.0, 0.3, 0.0])) == 0.0  # over-skipping is not penalised
     assert float(sparsity_loss(p, [0.0, 0.6, 0.3])) == pytest.approx(0.1 + 0.2)
-    h = torch.randn(1, 5, 8)
-    assert float(distillation_loss(h, h.clone())) == 0.0
-    assert float(distillation_loss(h, 2 * h, normalised=True)) == pytest.approx(float((h ** 2).mean() / (2 * h).var()))
     assert guide_weight(0, 100) == 1.0 and guide_weight(25, 100) == 0.5 and guide_weight(50, 100) == 0.0
     assert guide_weight(99, 100) == 0.0
     logits = torch.randn(1, 5, 11)
-    assert float(distillation_loss(logits, logits.clone(), target="logits")) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(logits, logits.clone())) == pytest.approx(0.0, abs=1e-6)
     other = torch.randn(1, 5, 11)
     p_dense, log_q = torch.softmax(logits, -1), torch.log_softmax(other, -1)
     kl = (p_dense * (torch.log_softmax(logits, -1) - log_q)).sum(-1).mean()  # KL(dense ‖ routed) per position
-    assert float(distillation_loss(other, logits, target="logits")) == pytest.approx(float(kl), rel=1e-5)
+    assert float(distillation_loss(other, logits)) == pytest.approx(float(kl), rel=1e-5)
 
 
 def test_standardised_inputs_leave_the_router_unchanged_in_form():
@@ -396,10 +368,11 @@ def test_distillation_is_zero_when_every_token_is_computed(tiny):
     ctl = _controller(tiny.config, SCHEDULE, _router(), kind="learned")
     with routed_model(tiny, ctl):
         with ctl.dense():
-            dense = tiny.model(input_ids=ids).last_hidden_state
+            dense = tiny(input_ids=ids).logits
         with ctl.simulating(forced={i: torch.ones(1, 20, dtype=torch.bool) for i in range(6)}):
-            simulated = tiny.model(input_ids=ids).last_hidden_state
-    assert float(distillation_loss(simulated, dense)) < 1e-10
+            simulated = tiny(input_ids=ids).logits
+    torch.testing.assert_close(simulated, dense)
+    assert abs(float(distillation_loss(simulated, dense))) < 1e-6  # float32 rounding only
 
 
 # -- the method -------------------------------------------------------------------------------------------------
@@ -488,10 +461,6 @@ def test_bad_fields_raise_clear_errors():
         FTP(selection="sample")
     with pytest.raises(MethodConfigError, match="holdout_windows"):
         FTP(holdout_windows=2, fitness_windows=2, rescale_windows=2)
-    with pytest.raises(MethodConfigError, match="selection_tolerance"):
-        FTP(selection_tolerance=0.1)
-    with pytest.raises(MethodConfigError, match="position_scale"):
-        FTP(position_scale="sqrt")
 
 
 # -- the blocked attention pass, incremental decoding features, the training recipe ---------------------------
@@ -527,11 +496,11 @@ def test_blocked_attention_received_equals_eager_and_is_counted(case):
     assert counter.get_total_flops() == 4 * batch * heads * n * m * dim + 2 * batch * heads * n * m
 
 
-@pytest.mark.parametrize("position", ["log", "root", "linear"])
+@pytest.mark.parametrize("position", ["log", "off"])
 def test_decode_features_equal_features_recomputed_over_the_sequence(tiny, position):
     """Each cached decoding step builds the newest token's features in O(log N); they equal the features
-    `router_features` computes from scratch over the whole sequence and table, ties included, on every position
-    scale."""
+    `router_features` computes from scratch over the whole sequence and table, ties included, with and without the
+    position input."""
     checked = []
 
     class Checking(RoutingController):
@@ -551,8 +520,8 @@ def test_decode_features_equal_features_recomputed_over_the_sequence(tiny, posit
     assert len(checked) == 7 * 5  # every routed block of every decoding step
     sorted_scores = torch.tensor([0.5, 1.0, 1.0, 2.0])
     for score, rank in ((1.0, 3), (3.0, 0), (0.1, 4)):  # ties rank the newest token after the earlier ones
-        features = newest_token_features(5, torch.tensor(score), sorted_scores, 0.3, position="linear")
-        assert features[0, 0].tolist() == pytest.approx([0.8, score, rank / 5, 0.3])
+        features = newest_token_features(5, torch.tensor(score), sorted_scores, 0.3)
+        assert features[0, 0].tolist() == pytest.approx([math.log(5) / math.log(6), score, rank / 5, 0.3])
 
 
 def _warm_started_router(tiny, windows: torch.Tensor) -> RoutingController:
@@ -582,14 +551,16 @@ def test_warm_started_router_follows_its_sparsity_input_and_keeps_the_first_toke
 
 
 def test_model_selection_keeps_the_best_router_including_the_start(tiny):
-    """Joint training that only makes the held-out score worse ends with the router it started from."""
+    """Joint training that only makes the held-out score worse ends with the router it started from (identity input
+    moments, so the standardised coordinates change no weight)."""
     torch.manual_seed(0)
     ctl = _controller(tiny.config, SCHEDULE, TokenRouter())
     start = {k: v.clone() for k, v in ctl.router.state_dict().items()}
     scores = iter(range(100))
     with routed_model(tiny, ctl):
-        history = train_router(tiny, ctl, _ids(32, batch=4), recipe(learning_rate=1e-1, select_every=2, standardised=False),
-                               select=lambda: {"loss": float(next(scores))}, progress=False)
+        history = train_router(tiny, ctl, _ids(32, batch=4), recipe(learning_rate=1e-1, select_every=2),
+                               select=lambda: {"loss": float(next(scores))}, progress=False,
+                               moments=(torch.zeros(4), torch.ones(4)))
     assert [h["step"] for h in history["selection"]] == [0, 2, 4]
     assert len(history["loss_total"]) == 4 and history["loss_total"][0] > 0
     for key, value in ctl.router.state_dict().items():
@@ -597,7 +568,7 @@ def test_model_selection_keeps_the_best_router_including_the_start(tiny):
 
 
 def test_standardised_model_selection_restores_the_best_router_in_raw_coordinates(tiny):
-    """With standardised joint training the selection snapshots are taken in standardised coordinates; the router
+    """Joint training takes the selection snapshots in standardised coordinates; the router
     that comes out must compute what the best-scored one computed while it was scored."""
     torch.manual_seed(0)
     ctl = _warm_started_router(tiny, _ids(32, batch=4, seed=5))
@@ -610,7 +581,7 @@ def test_standardised_model_selection_restores_the_best_router_in_raw_coordinate
 
     moments = (features.mean(0), features.std(0))
     with routed_model(tiny, ctl):
-        train_router(tiny, ctl, _ids(32, batch=4), recipe(learning_rate=5e-2, select_every=2, standardised=True),
+        train_router(tiny, ctl, _ids(32, batch=4), recipe(learning_rate=5e-2, select_every=2),
                      select=select, progress=False, moments=moments)
     assert len(scored) == 3 and not torch.allclose(scored[0], scored[1])
     out = ctl.router(features).detach()
@@ -620,77 +591,52 @@ def test_standardised_model_selection_restores_the_best_router_in_raw_coordinate
 
 
 def test_logit_bce_keeps_the_gradient_of_a_saturated_wrong_prediction():
-    """Both forms give the same loss where P(compute) is not saturated. Saturated and wrong, the probability form
-    breaks both ways: at P ~4e-18 (gap 40), below BCE's 1e-12 clamp on P(1 - P), a "compute" label's gradient
-    vanishes (~4e-6); the logit form keeps the full (1 - smoothing)·weight."""
+    """The warm start's BCE, computed from the logit difference, equals the BCE of P(compute) where P is not
+    saturated; saturated and wrong (P(compute) ~4e-18 at a gap of 40, or exactly 1 in float32 at a gap of 20, where
+    the probability form's gradient vanishes or is ~2,000× too large), its gradient stays ±(1 - smoothing)."""
+    import torch.nn.functional as F
+
     targets, weights = torch.tensor([0.95, 0.05, 0.95]), torch.tensor([1.0, 2.0, 0.5])
     logits = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.1]])
-    torch.testing.assert_close(weighted_bce(logits, targets, weights, True), weighted_bce(logits, targets, weights, False))
-    gradients = []
-    for from_logits in (False, True):
-        saturated = torch.tensor([[-20.0, 20.0]], requires_grad=True)  # P(compute) = sigmoid(-40)
-        weighted_bce(saturated, torch.tensor([0.95]), torch.ones(1), from_logits).backward()
-        gradients.append(saturated.grad)
-    assert gradients[0].abs().max() < 1e-4
-    assert gradients[1][0, 0] < -0.9 and gradients[1][0, 1] > 0.9  # raise l_compute, lower l_skip
-    # The other side: P(compute) rounds to exactly 1 in float32 at a gap of 20, and a "skip" label there gets a
-    # gradient ~2,000× too large (and on l_skip alone); the logit form gives the true ±(1 - 0.05).
-    gradients = []
-    for from_logits in (False, True):
-        saturated = torch.tensor([[10.0, -10.0]], requires_grad=True)
-        weighted_bce(saturated, torch.tensor([0.05]), torch.ones(1), from_logits).backward()
-        gradients.append(saturated.grad)
-    assert gradients[0].abs().max() > 100
-    torch.testing.assert_close(gradients[1], torch.tensor([[0.95, -0.95]]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weighted_bce(logits, targets, weights),
+                               F.binary_cross_entropy(torch.softmax(logits, -1)[..., 0], targets, weight=weights))
+    for pair, target in (([-20.0, 20.0], 0.95), ([10.0, -10.0], 0.05)):
+        saturated = torch.tensor([pair], requires_grad=True)
+        weighted_bce(saturated, torch.tensor([target]), torch.ones(1)).backward()
+        p_compute = 0.0 if pair[0] < pair[1] else 1.0  # saturated: P(compute) is 0 or 1
+        expected = p_compute - target  # d/d(l_compute − l_skip) = P − target: −0.95, then +0.95
+        torch.testing.assert_close(saturated.grad, torch.tensor([[expected, -expected]]), rtol=1e-4, atol=1e-4)
 
 
-def test_a_later_field_at_its_legacy_value_stays_out_of_the_key():
-    """Every committed FTP artifact's key is what its fields give today, a field added after it was made taking its
-    legacy value (no field leaks into the key); the current recipe's fields are in the default key; and each recipe
-    reaches its artifacts: configs/ftp_recipe_v4.toml those made before 2026-11-27 (all four variants),
-    configs/ftp_recipe_v5.toml those made before 2026-11-28 (all four), the defaults the current three seeds of ftp."""
+def test_every_committed_ftp_artifact_is_reached_by_its_key():
+    """Each committed FTP artifact's key is what its fields give today (no field leaks into the key, none is lost):
+    a learned router's key records the fixed recipe (`FIXED_RECIPE`), the static and random routers' keys no
+    router-training field; the current recipe's three seeds are found with no options."""
     import json
     from pathlib import Path
 
     from bench.artifacts import COMMITTED_DIR, CalibrationSettings, artifact_key, key_hash
-    from bench.plan import overrides_for
-    from bench.study import load_study
-    from methods.ftp.method import LEGACY_KEY_VALUES
+    from methods.ftp.method import FIXED_RECIPE
 
     committed = sorted(Path("methods/artifacts").glob("ftp-*/artifact.json"))
-    assert len(committed) >= 15
+    assert len(committed) >= 8
     for path in committed:
         fields = json.loads(path.read_text())["key"]["fields"]
-        assert make_method("ftp", **{**LEGACY_KEY_VALUES, **fields}).calibration_config() == fields, path.parent.name
+        if fields.get("router") == "learned":
+            assert {k: fields[k] for k in FIXED_RECIPE} == FIXED_RECIPE, path.parent.name
+        own = {k: v for k, v in fields.items() if k not in FIXED_RECIPE}
+        assert make_method("ftp", **own).calibration_config() == fields, path.parent.name
     current = make_method("ftp", sparsity=0.25).calibration_config()
-    assert {k: current[k] for k in ("warm_start_logit_bce", "selection_tolerance", "train_min_seq_len",
-                                    "train_seq_len", "learning_rate", "select_every")} == {
-        "warm_start_logit_bce": True, "selection_tolerance": 0.002, "train_min_seq_len": 16, "train_seq_len": 512,
-        "learning_rate": 3e-4, "select_every": 20}
-
-    def committed_for(name, fields, seed=0):
-        method = make_method(name, sparsity=0.25, seed=seed, **overrides_for(name, fields))
+    assert {k: current[k] for k in ("train_min_seq_len", "train_seq_len", "learning_rate", "select_every")} == {
+        "train_min_seq_len": 16, "train_seq_len": 512, "learning_rate": 3e-4, "select_every": 20}
+    for seed in (0, 1, 2):
+        method = make_method("ftp", sparsity=0.25, seed=seed)
         key = artifact_key("smollm2-135m", method, CalibrationSettings.for_method(method, seed=seed))
-        return method, (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir()
-
-    v4 = load_study("configs/ftp_recipe_v4.toml")["method_fields"]
-    v5 = load_study("configs/ftp_recipe_v5.toml")["method_fields"]
-    assert v5 == {"ftp": {"train_min_seq_len": 64}}
-    for name in ("ftp", "ftp-uniform", "ftp-nopos", "ftp-nosparsity"):
-        for fields in (v4, v5):
-            method, found = committed_for(name, fields)
-            assert found, (name, fields)
-            if fields is v4:
-                assert not {"warm_start_logit_bce", "selection_tolerance", "train_min_seq_len"} & set(
-                    method.calibration_config()), name
-    for seed in (0, 1, 2):  # the current recipe's three seeds, with no options
-        assert committed_for("ftp", {}, seed)[1], seed
-        assert committed_for("ftp", v5, seed)[1], seed
+        assert (COMMITTED_DIR / f"ftp-{key_hash(key)}").is_dir(), seed
 
 
 def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row():
-    """Without a minimum a training row is used whole (and no random number is drawn, so the legacy recipe's
-    stream is unchanged); with one, lengths are drawn from [min, full] and each window is a prefix of its row."""
+    """Without a minimum a training row is used whole (and no random number is drawn); with one, lengths are drawn from [min, full] and each window is a prefix of its row."""
     import random
 
     from methods.base import MethodConfigError

@@ -15,14 +15,11 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.toml"))
 
 def test_the_shipped_studies_load():
     assert {p.name for p in CONFIGS} == {"default_cpu.toml", "paper_llama2_7b.toml", "paper_qwen15_7b.toml",
-                                         "ftp_recipe_v4.toml", "ftp_recipe_v5.toml", "verdict_smollm2.toml",
+                                         "verdict_smollm2.toml",
                                          "long_prompts_smollm2.toml", "verdict_gemma3.toml",
                                          "verdict_smollm2_seeds.toml", "niah_8k_smollm2.toml"}
     for path in CONFIGS:
         study = load_study(path)
-        if path.name.startswith("ftp_recipe_"):  # an overlay: one of FTP's previous recipes, nothing else
-            assert set(study) == {"method_fields", "calibration"} and set(study["method_fields"]) == {"ftp"}
-            continue
         assert study["methods"] and study["sparsities"]
     # the seeds file adds cells to the verdict's store: the same store, tasks, items and settings, so its seed-0
     # cells are the verdict's own (reused, not recomputed)

@@ -7,7 +7,7 @@ length, and the paired 95% interval of learned − static over the rows. The tas
 
 Default: the default model's committed seed-0 `ftp` artifact of the current recipe. `--router PATH` replaces the
 artifact's router weights (its schedule is kept); `field=value` overrides the artifact's fields (e.g.
-`position_scale=root` for a router trained with it). Prints one JSON line per N: each router's solved scale, c,
+`position_input=false` for a router trained without it). Prints one JSON line per N: each router's solved scale, c,
 LM loss and first-token computed fraction, learned − static with its paired interval, learned − static over the last
 third of the positions, and the five positions where learned − static is largest."""
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.models import load_model
-from methods.ftp.block import routed_model
-from methods.ftp.measure import solve_scale
 from experiments.ftp.artifacts import committed_seeds, field_overrides, load
 from experiments.ftp.matched_heldout import paired_interval, position_losses
+from methods.ftp.block import routed_model
+from methods.ftp.measure import solve_scale
 
 MAX_ROWS = 48
 

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.models import load_model
+from experiments.ftp.artifacts import committed_seeds, load
 from methods.ftp.block import RoutingController, routed_model
 from methods.ftp.measure import measure_routing, solve_scale
 from methods.ftp.router import first_valid_token
 from methods.ftp.schedule import scaled_schedule
-from experiments.ftp.artifacts import committed_seeds, load
 
 T_975_DF11 = 2.201  # two-sided 95% quantile of Student's t with 11 degrees of freedom (12 windows)
 

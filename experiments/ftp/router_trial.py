@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from bench.models import load_model
+from experiments.ftp.artifacts import field_overrides, load
 from methods.ftp.block import routed_model
 from methods.ftp.measure import solve_scale
 from methods.ftp.router import TokenRouter
-from experiments.ftp.artifacts import field_overrides, load
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from bench.models import load_model
-from methods.ftp.block import RoutingController, routed_model
 from experiments.ftp.artifacts import committed_seeds, load
+from methods.ftp.block import RoutingController, routed_model
 
 LENGTHS = (64, 128, 256, 512)
 

@@ -163,7 +163,6 @@ class RoutingController:
         self.simulation: Simulation | None = None
         self.is_dense = False
         self.feature_log: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.final_hidden: torch.Tensor | None = None
         self._extra: torch.Tensor | None = None
 
     # -- modes ----------------------------------------------------------------------------------------------
@@ -368,8 +367,6 @@ class RoutedDecoderLayer(nn.Module):
             out = self._decode(hidden_states, attention_mask, call)
         else:
             out = self._prefill(hidden_states, attention_mask, call)
-        if self.index == ctl.num_layers - 1:
-            ctl.final_hidden = out
         return out
 
     def _run(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, call: dict,

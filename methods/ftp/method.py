@@ -31,9 +31,9 @@ from prefill routing (the paper's LLaMA2-7B WikiText-2 perplexity rose from 5.47
 decoding separately (`experiments/ftp/decode_quality.py` measures it). `output_hidden_states` is not supported while
 applied (the wrapped layers run on gathered rows).
 
-Router inputs: position on a log scale, log(1 + j)/log(1 + N) (`position_scale`; methods.md's default j/N left the
-4→64→2 router unable to single out the first token, see `methods.ftp.router.token_positions`), attention received
-(uniform = 1), its rank / N, and s_i.
+Router inputs: position on a log scale, log(1 + j)/log(1 + N) (methods.md's default j/N left the 4→64→2 router unable
+to single out the first token, see `methods.ftp.router.token_positions`), attention received (uniform = 1), its
+rank / N, and s_i.
 
 Matching the target (methods.md §5): the GA runs at the schedule mean S for the target c; then the schedule is
 scaled until c measured on held-out calibration windows is within `rescale_tolerance`. The decision rule is always
@@ -117,17 +117,21 @@ class CalibrationWindows:
 
 
 ROUTER_TRAINING_FIELDS = (
-    "position_input", "position_scale", "sparsity_input", "router_hidden", "gumbel_tau", "warm_start_sequences",
+    "position_input", "sparsity_input", "router_hidden", "gumbel_tau", "warm_start_sequences",
     "warm_start_steps", "warm_start_lr", "warm_start_batch", "warm_start_weighted", "warm_start_smoothing",
-    "warm_start_rounds", "warm_start_logit_bce", "selection_tolerance", "train_sequences", "train_seq_len",
+    "warm_start_rounds", "train_sequences", "train_seq_len",
     "train_min_seq_len", "learning_rate", "select_every", "selection_seq_len",
     "train_scale_low", "train_scale_high", "guide_weight_start", "guide_decay_fraction",
-    "sparsity_loss_weight", "hard_sparsity", "distill_loss_weight", "distill_target", "distill_normalised", "joint_standardised")
-# Fields added after artifacts were committed: at these values (the behaviour before the field existed) they stay
-# out of the artifact key, so the committed artifacts keep their keys.
-LEGACY_KEY_VALUES: dict[str, Any] = {"warm_start_logit_bce": False, "selection_tolerance": 0.01,
-                                     "train_min_seq_len": 0}
-SELECTION_ITERATIONS = 6  # solver steps per model-selection check (twice as many below a ±0.01 tolerance)
+    "sparsity_loss_weight", "distill_loss_weight")
+# The learned router's fixed recipe choices (methods.ftp.training), which were fields while other values were tried
+# (docs/experiments/ftp-router.md): the log position scale, the warm start's BCE from logits, ŝ_i on the hard gates,
+# L_d as KL on the logits, joint training on standardised inputs, model selection at c within ±0.002 of the target.
+# The committed artifacts were made with exactly these and recorded them in their keys, so the key still does.
+FIXED_RECIPE: dict[str, Any] = {"position_scale": "log", "warm_start_logit_bce": True, "hard_sparsity": True,
+                                "distill_target": "logits", "distill_normalised": True, "joint_standardised": True,
+                                "selection_tolerance": 0.002}
+SELECTION_TOLERANCE = FIXED_RECIPE["selection_tolerance"]
+SELECTION_ITERATIONS = 12  # solver steps per model-selection check
 
 
 @dataclass
@@ -140,10 +144,7 @@ class FTP(Method):
     router: str = "learned"  # "learned" (FTP), "static" (first token + most recent), "random"
     schedule: str = "searched"  # "searched" (GA) or "uniform"
     selection: str = "argmax"  # "argmax" (the paper's rule) or "topk" (exact budgets ⌈(1 - s_i)·N⌉)
-    position_input: bool = True
-    # "log": log(1 + j)/log(1 + N) (ours); "linear": j/N (methods.md's default); "root": (j/N)^(1/4), which keeps
-    # the static rule's boundary at every length (docs/experiments/ftp-router.md: tried on three seeds, not the default)
-    position_scale: str = "log"
+    position_input: bool = True  # log(1 + j)/log(1 + N) (methods.ftp.router.token_positions); False: the ablation
     sparsity_input: bool = True
     router_hidden: int = 64
     reference_seq_len: int = 512
@@ -167,13 +168,11 @@ class FTP(Method):
     warm_start_weighted: bool = True
     warm_start_smoothing: float = 0.05
     warm_start_rounds: int = 2
-    warm_start_logit_bce: bool = True  # stable BCE from logits (methods.ftp.training.weighted_bce); False: the
-    # probability form, which the earlier artifacts used (docs/experiments/ftp-router.md)
     train_sequences: int | None = None
     train_seq_len: int | None = None
     # each training window is cut to a length drawn from [train_min_seq_len, train_seq_len]
     # (methods.ftp.training.training_window), so the router meets the attention scores of every length it routes;
-    # None: from the preset; 0: every window full length (the recipe before this field, LEGACY_KEY_VALUES)
+    # None: from the preset; 0: every window full length
     train_min_seq_len: int | None = None
     learning_rate: float | None = None
     select_every: int | None = None
@@ -183,18 +182,8 @@ class FTP(Method):
     guide_weight_start: float = 1.0
     guide_decay_fraction: float = 0.5
     sparsity_loss_weight: float = 1.0
-    hard_sparsity: bool = True
     distill_loss_weight: float = 1.0
-    # "logits": KL(dense ‖ routed) of the next-token distributions; "final_norm" (last_hidden_state) or
-    # "block_output" (raw residual stream): MSE, ÷ the dense variance when distill_normalised
-    distill_target: str = "logits"
-    distill_normalised: bool = True
-    joint_standardised: bool = True  # joint training on standardised router inputs (methods.ftp.training)
     selection_seq_len: int | None = None  # model-selection window length (None: fitness_seq_len)
-    # each candidate router is scored at a schedule scale that puts its c within ±selection_tolerance of the
-    # target (up to 6 solver steps, 12 when tighter); near c = 0.25 one unit of c is worth ~9-12 nats, so ±0.01
-    # lets a candidate that lands low win by up to ~0.1 nats (docs/experiments/ftp-router.md)
-    selection_tolerance: float = 0.002
     # matching the target
     rescale_windows: int | None = None
     rescale_tolerance: float = 0.005
@@ -224,9 +213,6 @@ class FTP(Method):
             raise MethodConfigError(f"ftp: schedule must be 'searched' or 'uniform', got {self.schedule!r}")
         if self.selection not in SELECTIONS:
             raise MethodConfigError(f"ftp: selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.position_scale not in ("linear", "log", "root"):
-            raise MethodConfigError(f"ftp: position_scale must be 'linear', 'log' or 'root', "
-                                    f"got {self.position_scale!r}")
         if not 0.0 < self.max_block_sparsity < 1.0:
             raise MethodConfigError("ftp: max_block_sparsity must be in (0, 1), e.g. 0.9")
         positive = ("router_hidden", "reference_seq_len", "population", "holdout_windows", "fitness_windows",
@@ -256,26 +242,20 @@ class FTP(Method):
                 raise MethodConfigError(f"ftp: {key} must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 < self.train_scale_low <= self.train_scale_high:
             raise MethodConfigError("ftp: need 0 < train_scale_low <= train_scale_high, e.g. 0.6 and 1.4")
-        if self.distill_target not in ("final_norm", "block_output", "logits"):
-            raise MethodConfigError(f"ftp: distill_target must be 'final_norm', 'block_output' or 'logits', "
-                                    f"got {self.distill_target!r}")
         if isinstance(self.train_min_seq_len, bool) or not 0 <= int(self.train_min_seq_len) <= self.train_seq_len:
             raise MethodConfigError(f"ftp: train_min_seq_len must be in [1, train_seq_len={self.train_seq_len}], "
                                     f"or 0 for full-length windows, got {self.train_min_seq_len!r}")
-        if not 0.0 < self.selection_tolerance <= 0.02:
-            raise MethodConfigError("ftp: selection_tolerance must be in (0, 0.02], e.g. 0.002")
         if not 0.0 < self.rescale_tolerance <= 0.02:
             raise MethodConfigError("ftp: rescale_tolerance must be in (0, 0.02] (the benchmark's matching band)")
 
     # -- calibration ------------------------------------------------------------------------------------------
     def calibration_config(self) -> dict[str, Any]:
         """Without a learned router (ftp-static, ftp-random) the router and its training recipe play no part in the
-        artifact, so they stay out of its key; nor do fields left at their `LEGACY_KEY_VALUES` value."""
-        config = {k: v for k, v in super().calibration_config().items()
-                  if not (k in LEGACY_KEY_VALUES and v == LEGACY_KEY_VALUES[k])}
+        artifact, so they stay out of its key; with one, the key also records the recipe's `FIXED_RECIPE`."""
+        config = super().calibration_config()
         if self.router != "learned":
-            config = {k: v for k, v in config.items() if k not in ROUTER_TRAINING_FIELDS}
-        return config
+            return {k: v for k, v in config.items() if k not in ROUTER_TRAINING_FIELDS}
+        return {**config, **FIXED_RECIPE}
 
     def schedule_mean(self, config) -> float:
         """Mean token sparsity S for the target compute sparsity (methods.md §5)."""
@@ -288,7 +268,7 @@ class FTP(Method):
 
     def policy(self, schedule, kind: str | None = None) -> RoutingPolicy:
         return RoutingPolicy(schedule=tuple(schedule), kind=kind or self.router, selection=self.selection,
-                             position=self.position_scale if self.position_input else "off",
+                             position="log" if self.position_input else "off",
                              use_sparsity=self.sparsity_input)
 
     def controller(self, config, schedule, router: TokenRouter | None) -> RoutingController:
@@ -297,15 +277,12 @@ class FTP(Method):
     def train_config(self) -> TrainConfig:
         return TrainConfig(learning_rate=self.learning_rate, guide_weight_start=self.guide_weight_start,
                            guide_decay_fraction=self.guide_decay_fraction, sparsity_weight=self.sparsity_loss_weight,
-                           distill_weight=self.distill_loss_weight, distill_target=self.distill_target,
-                           distill_normalised=self.distill_normalised, hard_sparsity=self.hard_sparsity,
-                           standardised=self.joint_standardised,
+                           distill_weight=self.distill_loss_weight,
                            scale_low=self.train_scale_low, scale_high=self.train_scale_high,
                            max_sparsity=self.max_block_sparsity, warm_start_steps=self.warm_start_steps,
                            warm_start_lr=self.warm_start_lr, warm_start_batch=self.warm_start_batch,
                            warm_start_weighted=self.warm_start_weighted,
                            warm_start_smoothing=self.warm_start_smoothing, warm_start_rounds=self.warm_start_rounds,
-                           warm_start_logit_bce=self.warm_start_logit_bce,
                            select_every=self.select_every, min_window=self.train_min_seq_len)
 
     def calibrate(self, model, tokenizer, calibration: CalibrationSet) -> dict[str, Any]:
@@ -396,9 +373,8 @@ class FTP(Method):
                                         seed=self.seed, progress=self.progress)
 
         def select() -> dict[str, float]:
-            iterations = SELECTION_ITERATIONS if self.selection_tolerance >= 0.01 else 2 * SELECTION_ITERATIONS
-            fit = solve_scale(model, ctl, schedule, selection_ids, self.sparsity, self.selection_tolerance,
-                              iterations, self.max_block_sparsity, with_loss=True)
+            fit = solve_scale(model, ctl, schedule, selection_ids, self.sparsity, SELECTION_TOLERANCE,
+                              SELECTION_ITERATIONS, self.max_block_sparsity, with_loss=True)
             ctl.policy = self.policy(schedule)
             return {"loss": fit.measured["lm_loss"], "scale": fit.scale,
                     "compute_sparsity": fit.measured["compute_sparsity"],

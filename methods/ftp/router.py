@@ -31,21 +31,17 @@ class TokenRouter(nn.Module):
         return 2 * first.in_features * first.out_features + 2 * last.in_features * last.out_features
 
 
-POSITION_SCALES = ("linear", "log", "root", "off")
+POSITION_SCALES = ("log", "off")
 
 
 def token_positions(valid: torch.Tensor, scale: str = "log") -> torch.Tensor:
     """Position factor of each token ([B, N] float), j counted over the valid tokens of each row (N of them):
-    "linear" j / N (methods.md's default), "log" log(1 + j) / log(1 + N), "root" (j / N)^(1/4), "off" 0 (the
-    no-position ablation).
+    "log" log(1 + j) / log(1 + N), "off" 0 (the no-position ablation).
 
-    The log scale is ours: it keeps the order and [0, 1) range but gives the first tokens room (the first is 0, the
-    second 0.125 at N = 256 instead of 0.004), so the 4→64→2 router can single out the first token (the attention
-    sink, which the static teacher always computes) by position; on the linear scale it could not in our runs,
-    and it then skipped that token in every routed block. But the static rule's boundary (j ≥ s·N) is not one
-    threshold on the log scale at every N. The "root" scale keeps both: like "linear" it is a function of j/N alone,
-    so one threshold, s^(1/4), draws the static boundary at any length, and the second token is still 0.15+ from
-    the first up to N = 2,048 (0.21 at 512)."""
+    The log scale is ours (methods.md's default is j / N): it keeps the order and [0, 1) range but gives the first
+    tokens room (the first is 0, the second 0.125 at N = 256 instead of 0.004), so the 4→64→2 router can single out
+    the first token (the attention sink, which the static teacher always computes) by position; on the linear scale
+    it could not in our runs, and it then skipped that token in every routed block (docs/experiments/ftp-router.md)."""
     index = (valid.long().cumsum(-1) - 1).clamp(min=0).float()
     length = valid.sum(-1, keepdim=True).clamp(min=1).float()
     return position_factor(index, length, scale)
@@ -58,12 +54,8 @@ def first_valid_token(valid: torch.Tensor) -> torch.Tensor:
 
 def position_factor(index, length, scale: str):
     """The position factor of token `index` (0-based) among `length` (tensors or floats, broadcast)."""
-    if scale == "linear":
-        return index / length
     if scale == "log":
         return torch.log1p(torch.as_tensor(index)) / torch.log1p(torch.as_tensor(length))
-    if scale == "root":
-        return (torch.as_tensor(index) / torch.as_tensor(length)) ** 0.25
     return torch.zeros_like(torch.as_tensor(index, dtype=torch.float32))
 
 

@@ -2,14 +2,14 @@
 
 The paper's loss is kept, L = λ_g·L_g + λ_s·L_s + λ_d·L_d with the LLM frozen, straight-through Gumbel gates and
 the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper leaves the recipe open; ours
-(`TrainConfig`, every choice a field) is:
+(`TrainConfig`) is:
 
 1. **Warm start on the teacher, guide loss only.** The static router routes training windows, each at a schedule
    scaled by a factor drawn from [scale_low, scale_high]; the router's four features and the static decision are
    logged per (token, routed block), and the router is fitted to them by BCE (L_g alone), each example weighted by
    1 + the attention its token receives, targets smoothed to 0.05/0.95, by minibatch Adam on standardised inputs
-   (folded back into the first layer, so the router is unchanged in form); `warm_start_logit_bce` computes the BCE
-   from the logit difference, which cannot saturate (`weighted_bce`). A second round adds the static rule's
+   (folded back into the first layer, so the router is unchanged in form); the BCE is computed from the logit
+   difference, which cannot saturate (`weighted_bce`). A second round adds the static rule's
    labels in the states the fitted router's own routing produces and refits (DAgger). It starts as an imitation of its teacher that reads the sparsity input
    (the teacher's budget follows s_i) and computes the first token (the teacher always does; unweighted, that one
    example per row and block was lost among the others and the router skipped the attention sink).
@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -68,8 +68,8 @@ def imitation_targets(decisions: torch.Tensor, scores: torch.Tensor,
 
 
 def sparsity_loss(computed: dict[int, torch.Tensor], schedule, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """L_s = Σ_i max(0, s_i - ŝ_i), ŝ_i = 1 - mean of block i's compute gates (soft P or straight-through hard
-    gates): only under-skipping is penalised."""
+    """L_s = Σ_i max(0, s_i - ŝ_i), ŝ_i = 1 - mean of block i's compute gates (the straight-through
+    hard gates in training): only under-skipping is penalised."""
     terms = []
     for i, gate in computed.items():
         skip = 1.0 - gate
@@ -78,17 +78,12 @@ def sparsity_loss(computed: dict[int, torch.Tensor], schedule, valid: torch.Tens
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def distillation_loss(hidden: torch.Tensor, dense_hidden: torch.Tensor, normalised: bool = False,
-                      target: str = "final_norm") -> torch.Tensor:
-    """L_d: MSE between the routed and the dense model's final block outputs (optionally ÷ the dense variance), or,
-    with `target="logits"`, KL(dense ‖ routed) of the next-token distributions, in nats per position (already on
-    the scale of the LM loss the selection measures)."""
-    if target == "logits":
-        return F.kl_div(F.log_softmax(hidden.float(), -1).flatten(0, -2),
-                        F.log_softmax(dense_hidden.float(), -1).flatten(0, -2), log_target=True,
-                        reduction="batchmean")
-    mse = F.mse_loss(hidden.float(), dense_hidden.float())
-    return mse / dense_hidden.float().var().clamp(min=1e-12) if normalised else mse
+def distillation_loss(logits: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
+    """L_d: KL(dense ‖ routed) of the next-token distributions, in nats per position (already on the scale of the LM
+    loss the selection measures). The paper's MSE on the final hidden states sat at 0.6-0.7 on SmolLM2 even ÷ the
+    dense variance, and joint training drifted from the warm start (docs/experiments/ftp-router.md)."""
+    return F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, -2),
+                    F.log_softmax(dense_logits.float(), -1).flatten(0, -2), log_target=True, reduction="batchmean")
 
 
 def guide_weight(step: int, total_steps: int, start: float = 1.0, decay_fraction: float = 0.5) -> float:
@@ -107,11 +102,6 @@ class TrainConfig:
     guide_decay_fraction: float
     sparsity_weight: float
     distill_weight: float
-    distill_target: str  # "final_norm": last_hidden_state (LM-head input); "block_output": raw
-    # residual stream; "logits": KL(dense ‖ routed) of the next-token distributions
-    distill_normalised: bool  # L_d ÷ Var(dense target) (MSE targets only)
-    standardised: bool  # joint training on standardised router inputs (as the warm start fits)
-    hard_sparsity: bool  # ŝ_i from the straight-through hard gates (False: soft probabilities)
     scale_low: float  # schedule scale drawn per training window from [scale_low, scale_high]
     scale_high: float
     max_sparsity: float
@@ -121,7 +111,6 @@ class TrainConfig:
     warm_start_weighted: bool  # BCE weights 1 + attention received
     warm_start_smoothing: float  # teacher targets 0.05 / 0.95: logits stay where Gumbel gradients live
     warm_start_rounds: int  # 1 + rounds of labels collected while the learned router routes (DAgger)
-    warm_start_logit_bce: bool  # BCE from the logit difference (stable) instead of softmax probabilities
     select_every: int  # joint-training steps between held-out model-selection checks
     min_window: int  # 0: every training window at full length; else cut to a length drawn from [min_window, full]
 
@@ -192,18 +181,12 @@ def feature_moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return features.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))
 
 
-def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, from_logits: bool) -> torch.Tensor:
-    """Weighted BCE of P(compute) = softmax(logits)[..., 0] = sigmoid(l_compute − l_skip) against `targets`.
-
-    `from_logits` computes it from the logit difference (log-sum-exp form). The probability form (the committed
-    artifacts' warm start) breaks on saturated wrong predictions: where P(compute) is tiny, PyTorch's clamp of
-    P(1 − P) at 1e-12 makes a "compute" label's gradient vanish (4e-6 at a logit gap of 40, 0 at 110); where P
-    rounds to exactly 1 in float32 (a gap above ~17), a "skip" label's gradient is thousands of times too large and
-    reaches l_skip alone. On 512-token windows with the "root" position scale the DAgger refit fell into this (loss
-    0.2 → 50, every token skipped); the logit form's gradient is the true ±(1 − smoothing)·weight."""
-    if from_logits:
-        return F.binary_cross_entropy_with_logits(logits[..., 0] - logits[..., 1], targets, weight=weights)
-    return F.binary_cross_entropy(torch.softmax(logits, -1)[..., 0], targets, weight=weights)
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted BCE of P(compute) = softmax(logits)[..., 0] = sigmoid(l_compute − l_skip) against `targets`, computed
+    from the logit difference (log-sum-exp form), so its gradient is the true ±(1 − smoothing)·weight even on
+    saturated wrong predictions, where the probability form's vanishes or explodes (PyTorch clamps P(1 − P) at
+    1e-12; docs/experiments/ftp-router.md)."""
+    return F.binary_cross_entropy_with_logits(logits[..., 0] - logits[..., 1], targets, weight=weights)
 
 
 def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Tensor, config: TrainConfig,
@@ -225,8 +208,7 @@ def warm_start(router: TokenRouter, features: torch.Tensor, decisions: torch.Ten
     with torch.enable_grad(), standardised_inputs(router, *feature_moments(features)):
         for _ in tqdm(range(config.warm_start_steps), desc="ftp: warm start (guide loss)", disable=not progress):
             index = torch.randint(0, len(features), (batch,), generator=generator).to(device)
-            loss = weighted_bce(router(features[index]).float(), targets[index], weights[index],
-                                config.warm_start_logit_bce)
+            loss = weighted_bce(router(features[index]).float(), targets[index], weights[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -256,23 +238,19 @@ def imitate_teacher(model, controller: RoutingController, windows: torch.Tensor,
 
 
 def train_router(model, controller: RoutingController, windows: torch.Tensor, config: TrainConfig,
+                 moments: tuple[torch.Tensor, torch.Tensor],
                  select: Callable[[], dict[str, float]] | None = None, rng: random.Random | None = None,
-                 progress: bool = True,
-                 moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, list]:
+                 progress: bool = True) -> dict[str, list]:
     """Joint training, one epoch over `windows` [n, T] at batch size 1; returns the per-step loss history and, with
     `select` (held-out score of the current router, lower is better, under "loss"), the selection history. The
-    router ends holding the best-scored weights (the starting ones included). With `config.standardised` the
-    optimiser works on inputs standardised by `moments` (the warm start's)."""
+    router ends holding the best-scored weights (the starting ones included). The optimiser works on inputs
+    standardised by `moments` (the warm start's: `imitate_teacher` returns them)."""
     router = controller.router
     rng = rng or random.Random(0)
     optimizer = torch.optim.Adam(router.parameters(), lr=config.learning_rate)
     history: dict[str, list] = {"loss_total": [], "loss_guide": [], "loss_sparsity": [], "loss_distill": [],
                                 "guide_weight": [], "achieved_skip": [], "selection": []}
     best: tuple[float, dict] | None = None
-
-    if config.standardised and moments is None:
-        raise ValueError("standardised joint training needs the input moments (imitate_teacher returns them)")
-    coordinates = standardised_inputs(router, *moments) if config.standardised else nullcontext()
 
     def check(step: int) -> None:
         nonlocal best
@@ -285,7 +263,7 @@ def train_router(model, controller: RoutingController, windows: torch.Tensor, co
         if best is None or score["loss"] < best[0]:
             best = (score["loss"], copy.deepcopy(router.state_dict()))
 
-    with coordinates:  # the selection snapshots are taken and restored in the same coordinates
+    with standardised_inputs(router, *moments):  # the selection snapshots are taken and restored in these coordinates
         _joint_epoch(model, controller, windows, config, optimizer, history, check, rng, progress)
         if best is not None:
             router.load_state_dict(best[1])
@@ -304,14 +282,13 @@ def _joint_epoch(model, controller: RoutingController, windows: torch.Tensor, co
             controller.policy = replace(base, schedule=sampled_schedule(base.schedule, rng, config))
             input_ids = training_window(windows[step], rng, config)[None].to(device)
             with torch.no_grad(), controller.dense():
-                dense_hidden = _final_hidden(model, controller, input_ids, config.distill_target).detach()
+                dense_logits = model(input_ids=input_ids, use_cache=False).logits.detach()
             with torch.enable_grad(), controller.simulating(sample_gates=True) as sim:
-                hidden = _final_hidden(model, controller, input_ids, config.distill_target)
+                logits = model(input_ids=input_ids, use_cache=False).logits
                 valid = controller.state.valid
                 l_guide = guide_loss(sim.p_compute, sim.static_compute, valid)
-                gates = sim.gates if config.hard_sparsity else sim.p_compute
-                l_sparsity = sparsity_loss(gates, controller.policy.schedule, valid)
-                l_distill = distillation_loss(hidden, dense_hidden, config.distill_normalised, config.distill_target)
+                l_sparsity = sparsity_loss(sim.gates, controller.policy.schedule, valid)
+                l_distill = distillation_loss(logits, dense_logits)
                 weight = guide_weight(step, len(windows), config.guide_weight_start, config.guide_decay_fraction)
                 loss = weight * l_guide + config.sparsity_weight * l_sparsity + config.distill_weight * l_distill
                 optimizer.zero_grad(set_to_none=True)
@@ -332,20 +309,7 @@ def _joint_epoch(model, controller: RoutingController, windows: torch.Tensor, co
         check(len(windows))
     finally:
         controller.policy = base
-        controller.final_hidden = None
         router.eval()
-
-
-def _final_hidden(model, controller: RoutingController, input_ids: torch.Tensor, target: str) -> torch.Tensor:
-    """The distillation target: the decoder's last_hidden_state (after the final norm), the raw last block output, or
-    the logits.
-
-    SmolLM2's raw residual stream carries massive activations (rms ≈ 43, the first token ≈ 228, max |h| ≈ 3,400),
-    which make a raw MSE ≈ 2,000 and drown λ_s = 1; the normed state is what the LM head reads."""
-    if target == "logits":
-        return model(input_ids=input_ids, use_cache=False).logits
-    normed = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-    return normed if target == "final_norm" else controller.final_hidden
 
 
 def lm_loss(model, input_ids: torch.Tensor) -> float:
