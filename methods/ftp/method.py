@@ -125,11 +125,14 @@ ROUTER_TRAINING_FIELDS = (
     "sparsity_loss_weight", "distill_loss_weight")
 # The learned router's fixed recipe choices (methods.ftp.training), which were fields while other values were tried
 # (docs/experiments/ftp-router.md): the log position scale, the warm start's BCE from logits, ŝ_i on the hard gates,
-# L_d as KL on the logits, joint training on standardised inputs, model selection at c within ±0.002 of the target.
-# The committed artifacts were made with exactly these and recorded them in their keys, so the key still does.
+# L_d as KL on the logits, joint training on standardised inputs, model selection at c within ±0.002 of the target,
+# no guide-weighted warm start. The committed artifacts and result cells were made with exactly these and recorded
+# them, so `FTP.config()` (each row's method_params and cell identity) still records them, and a learned router's
+# artifact key all but `guide_like_warm_start` (which no key ever held).
 FIXED_RECIPE: dict[str, Any] = {"position_scale": "log", "warm_start_logit_bce": True, "hard_sparsity": True,
                                 "distill_target": "logits", "distill_normalised": True, "joint_standardised": True,
-                                "selection_tolerance": 0.002}
+                                "selection_tolerance": 0.002, "guide_like_warm_start": False}
+NOT_IN_KEY = ("guide_like_warm_start",)
 SELECTION_TOLERANCE = FIXED_RECIPE["selection_tolerance"]
 SELECTION_ITERATIONS = 12  # solver steps per model-selection check
 
@@ -248,14 +251,18 @@ class FTP(Method):
         if not 0.0 < self.rescale_tolerance <= 0.02:
             raise MethodConfigError("ftp: rescale_tolerance must be in (0, 0.02] (the benchmark's matching band)")
 
+    def config(self) -> dict[str, Any]:
+        """The fields and the recipe's fixed choices (`FIXED_RECIPE`), as every result row records them."""
+        return {**super().config(), **FIXED_RECIPE}
+
     # -- calibration ------------------------------------------------------------------------------------------
     def calibration_config(self) -> dict[str, Any]:
         """Without a learned router (ftp-static, ftp-random) the router and its training recipe play no part in the
-        artifact, so they stay out of its key; with one, the key also records the recipe's `FIXED_RECIPE`."""
-        config = super().calibration_config()
+        artifact, so they stay out of its key."""
+        config = {k: v for k, v in super().calibration_config().items() if k not in NOT_IN_KEY}
         if self.router != "learned":
-            return {k: v for k, v in config.items() if k not in ROUTER_TRAINING_FIELDS}
-        return {**config, **FIXED_RECIPE}
+            return {k: v for k, v in config.items() if k not in ROUTER_TRAINING_FIELDS and k not in FIXED_RECIPE}
+        return config
 
     def schedule_mean(self, config) -> float:
         """Mean token sparsity S for the target compute sparsity (methods.md §5)."""
