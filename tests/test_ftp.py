@@ -659,7 +659,8 @@ def test_committed_ftp_cells_keep_their_identity():
 
 
 def test_training_windows_cover_the_lengths_between_the_minimum_and_the_full_row():
-    """Without a minimum a training row is used whole (and no random number is drawn); with one, lengths are drawn from [min, full] and each window is a prefix of its row."""
+    """Without a minimum a training row is used whole (and no random number is drawn); with one, lengths are drawn
+    from [min, full] and each window is a prefix of its row."""
     import random
 
     from methods.base import MethodConfigError

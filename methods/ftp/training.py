@@ -10,7 +10,8 @@ the skip simulated by gating (h + g·Δ) with skipped keys masked. The paper lea
    1 + the attention its token receives, targets smoothed to 0.05/0.95, by minibatch Adam on standardised inputs
    (folded back into the first layer, so the router is unchanged in form); the BCE is computed from the logit
    difference, which cannot saturate (`weighted_bce`). A second round adds the static rule's
-   labels in the states the fitted router's own routing produces and refits (DAgger). It starts as an imitation of its teacher that reads the sparsity input
+   labels in the states the fitted router's own routing produces and refits (DAgger). It starts as an imitation of
+   its teacher that reads the sparsity input
    (the teacher's budget follows s_i) and computes the first token (the teacher always does; unweighted, that one
    example per row and block was lost among the others and the router skipped the attention sink).
 2. **Joint training** with the three losses, again at a sampled schedule scale per window, so the sparsity input
