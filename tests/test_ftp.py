@@ -616,7 +616,7 @@ def test_every_committed_ftp_artifact_is_reached_by_its_key():
     from pathlib import Path
 
     from bench.artifacts import COMMITTED_DIR, CalibrationSettings, artifact_key, key_hash
-    from methods.ftp.method import FIXED_RECIPE, NOT_IN_KEY
+    from methods.ftp.method import FIXED_RECIPE, NOT_IN_KEY, recorded_fields
 
     committed = sorted(Path("methods/artifacts").glob("ftp-*/artifact.json"))
     assert len(committed) >= 7
@@ -625,8 +625,7 @@ def test_every_committed_ftp_artifact_is_reached_by_its_key():
         if fields.get("router") == "learned":
             keyed = {k: v for k, v in FIXED_RECIPE.items() if k not in NOT_IN_KEY}
             assert {k: fields.get(k) for k in keyed} == keyed, path.parent.name
-        own = {k: v for k, v in fields.items() if k not in FIXED_RECIPE}
-        assert make_method("ftp", **own).calibration_config() == fields, path.parent.name
+        assert make_method("ftp", **recorded_fields(fields)).calibration_config() == fields, path.parent.name
     current = make_method("ftp", sparsity=0.25).calibration_config()
     assert {k: current[k] for k in ("train_min_seq_len", "train_seq_len", "learning_rate", "select_every")} == {
         "train_min_seq_len": 16, "train_seq_len": 512, "learning_rate": 3e-4, "select_every": 20}
@@ -644,7 +643,7 @@ def test_committed_ftp_cells_keep_their_identity():
     from pathlib import Path
 
     from bench.fileutil import json_digest
-    from methods.ftp.method import FIXED_RECIPE
+    from methods.ftp.method import recorded_fields
 
     cells = [json.loads(p.read_text()) for p in
              sorted(Path("results/studies/verdict_smollm2/cells").glob("*/_cell.json"))]
@@ -652,8 +651,8 @@ def test_committed_ftp_cells_keep_their_identity():
     assert len(ftp) >= 30
     for cell in ftp:
         identity = cell["identity"]
-        own = {k: v for k, v in identity["params"].items() if k not in FIXED_RECIPE}
-        assert make_method(identity["method"], **own).config() == identity["params"], cell["cell"]
+        assert make_method(identity["method"], **recorded_fields(identity["params"])).config() == identity["params"], \
+            cell["cell"]
         hashed = {k: v for k, v in identity.items() if k not in ("stats", "host")}  # recorded beside it (runner)
         assert json_digest(hashed) == cell["cell"]
 

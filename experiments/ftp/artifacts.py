@@ -16,7 +16,7 @@ from bench.artifacts import COMMITTED_DIR, CalibrationSettings, artifact_key, ke
 from bench.calibration import CalibrationSet, load_calibration
 from bench.models import DEFAULT_MODEL
 from methods import make_method
-from methods.ftp.method import FIXED_RECIPE, FTP, CalibrationWindows
+from methods.ftp.method import FTP, CalibrationWindows, recorded_fields
 
 
 def committed_seeds(seeds=(0, 1, 2), sparsity: float = 0.25, name: str = "ftp") -> list[Path]:
@@ -46,8 +46,7 @@ def load(directory: Path, tokenizer, device="cpu", **overrides) -> Loaded:
     """The artifact in `directory` with the method its key names (its fields less the fixed recipe; `overrides` on
     top) and that method's calibration text and windows."""
     artifact, meta = load_artifact_dir(directory)
-    own = {k: v for k, v in meta["key"]["fields"].items() if k not in FIXED_RECIPE}
-    fields = {**own, "progress": False, **overrides}
+    fields = {**recorded_fields(meta["key"]["fields"]), "progress": False, **overrides}
     method = make_method("ftp", **fields)
     method.load_artifact(artifact)
     settings = CalibrationSettings.for_method(method, method.seed)

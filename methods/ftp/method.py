@@ -134,6 +134,15 @@ FIXED_RECIPE: dict[str, Any] = {"position_scale": "log", "warm_start_logit_bce":
                                 "selection_tolerance": 0.002, "guide_like_warm_start": False}
 NOT_IN_KEY = ("guide_like_warm_start",)
 SELECTION_TOLERANCE = FIXED_RECIPE["selection_tolerance"]
+
+
+def recorded_fields(recorded: dict[str, Any]) -> dict[str, Any]:
+    """FTP's fields from a recorded config (an artifact key's fields, a cell's params): the fixed recipe taken out,
+    after checking it is the one this code runs."""
+    other = {k: v for k, v in recorded.items() if k in FIXED_RECIPE and v != FIXED_RECIPE[k]}
+    if other:
+        raise MethodConfigError(f"ftp: recorded with another recipe ({other}); that recipe runs at commit c9043ab")
+    return {k: v for k, v in recorded.items() if k not in FIXED_RECIPE}
 SELECTION_ITERATIONS = 12  # solver steps per model-selection check
 
 
