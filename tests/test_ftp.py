@@ -496,8 +496,8 @@ def test_blocked_attention_received_equals_eager_and_is_counted(case):
     assert counter.get_total_flops() == 4 * batch * heads * n * m * dim + 2 * batch * heads * n * m
 
 
-@pytest.mark.parametrize("position", ["log", "off"])
-def test_decode_features_equal_features_recomputed_over_the_sequence(tiny, position):
+@pytest.mark.parametrize("use_position", [True, False])
+def test_decode_features_equal_features_recomputed_over_the_sequence(tiny, use_position):
     """Each cached decoding step builds the newest token's features in O(log N); they equal the features
     `router_features` computes from scratch over the whole sequence and table, ties included, with and without the
     position input."""
@@ -507,14 +507,14 @@ def test_decode_features_equal_features_recomputed_over_the_sequence(tiny, posit
         def decode_decision(self, index):
             state, policy = self.state, self.policy
             if policy.routed(index):
-                scratch = router_features(state.valid, state.table, policy.schedule[index], position)[:, -1:]
+                scratch = router_features(state.valid, state.table, policy.schedule[index], use_position)[:, -1:]
                 fast = newest_token_features(int(state.valid.sum()), state.table[0, -1], state.previous_sorted,
-                                             policy.schedule[index], position)
+                                             policy.schedule[index], use_position)
                 torch.testing.assert_close(fast, scratch)
                 checked.append(index)
             return super().decode_decision(index)
 
-    ctl = Checking(tiny.config, RoutingPolicy(tuple(SCHEDULE), position=position), _router(compute_bias=-1.5))
+    ctl = Checking(tiny.config, RoutingPolicy(tuple(SCHEDULE), use_position=use_position), _router(compute_bias=-1.5))
     with routed_model(tiny, ctl), torch.no_grad():
         tiny.generate(_ids(16), max_new_tokens=8, do_sample=False)
     assert len(checked) == 7 * 5  # every routed block of every decoding step
@@ -522,6 +522,8 @@ def test_decode_features_equal_features_recomputed_over_the_sequence(tiny, posit
     for score, rank in ((1.0, 3), (3.0, 0), (0.1, 4)):  # ties rank the newest token after the earlier ones
         features = newest_token_features(5, torch.tensor(score), sorted_scores, 0.3)
         assert features[0, 0].tolist() == pytest.approx([math.log(5) / math.log(6), score, rank / 5, 0.3])
+        unplaced = newest_token_features(5, torch.tensor(score), sorted_scores, 0.3, use_position=False)
+        assert unplaced[0, 0].tolist() == pytest.approx([0.0, score, rank / 5, 0.3])  # the no-position ablation
 
 
 def _warm_started_router(tiny, windows: torch.Tensor) -> RoutingController:

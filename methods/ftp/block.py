@@ -28,7 +28,6 @@ from methods.base import MethodConfigError
 from methods.flop_coefficients import LayerFlopCoefficients
 from methods.ftp.attention import FTP_ATTENTION, attention_received
 from methods.ftp.router import (
-    POSITION_SCALES,
     TokenRouter,
     first_valid_token,
     newest_token_features,
@@ -58,7 +57,7 @@ class RoutingPolicy:
     schedule: tuple[float, ...]
     kind: str = "learned"
     selection: str = "argmax"
-    position: str = "log"  # the position factor's scale (router.POSITION_SCALES; "off" for the ablation)
+    use_position: bool = True  # False: the no-position ablation feeds the position factor as 0
     use_sparsity: bool = True
     log_features: bool = False
 
@@ -67,8 +66,6 @@ class RoutingPolicy:
             raise MethodConfigError(f"ftp: router must be one of {ROUTERS}, got {self.kind!r}")
         if self.selection not in SELECTIONS:
             raise MethodConfigError(f"ftp: selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.position not in POSITION_SCALES:
-            raise MethodConfigError(f"ftp: position must be one of {POSITION_SCALES}, got {self.position!r}")
         object.__setattr__(self, "schedule", tuple(float(s) for s in self.schedule))
 
     def routed(self, index: int) -> bool:
@@ -262,12 +259,12 @@ class RoutingController:
         if policy.kind == "static":
             compute = static_compute_mask(valid, sparsity)
             if policy.log_features:
-                features = router_features(valid, state.table, sparsity, policy.position, policy.use_sparsity)
+                features = router_features(valid, state.table, sparsity, policy.use_position, policy.use_sparsity)
                 self.feature_log.append((features[valid].cpu(), compute[valid].cpu()))
             return compute
         if policy.kind == "random":
             return random_compute_mask(valid, sparsity, token_noise(self.seed, index, state.token_ids))
-        features = router_features(valid, state.table, sparsity, policy.position, policy.use_sparsity)
+        features = router_features(valid, state.table, sparsity, policy.use_position, policy.use_sparsity)
         logits, p_compute = self._p_compute(features)
         self.stats.router_flops += int(valid.sum()) * self.router.flops_per_token  # padding is not the method's
         if policy.log_features:  # the teacher's label in the state the learned router itself produced
@@ -289,7 +286,7 @@ class RoutingController:
             position = torch.tensor([[state.token_ids.shape[1] - 1]], device=state.token_ids.device)
             return bool(token_noise(self.seed, index, state.token_ids[:, -1:], position)[0, 0] >= sparsity)
         features = newest_token_features(int(state.valid.sum()), state.table[0, -1], state.previous_sorted,
-                                         sparsity, policy.position, policy.use_sparsity)
+                                         sparsity, policy.use_position, policy.use_sparsity)
         logits, _ = self._p_compute(features)
         self.stats.router_flops += self.router.flops_per_token
         return bool(logits[0, 0, 0] >= logits[0, 0, 1])
@@ -305,7 +302,7 @@ class RoutingController:
             hard = self.prefill_decision(index)
             return hard.float(), hard
         sparsity = policy.schedule[index]
-        features = router_features(valid, state.table, sparsity, policy.position, policy.use_sparsity)
+        features = router_features(valid, state.table, sparsity, policy.use_position, policy.use_sparsity)
         logits, p_compute = self._p_compute(features)
         sim.p_compute[index], sim.logits[index], sim.scores[index] = p_compute, logits, features[..., 1]
         sim.static_compute[index] = static_compute_mask(valid, sparsity)

@@ -284,8 +284,7 @@ class FTP(Method):
 
     def policy(self, schedule, kind: str | None = None) -> RoutingPolicy:
         return RoutingPolicy(schedule=tuple(schedule), kind=kind or self.router, selection=self.selection,
-                             position="log" if self.position_input else "off",
-                             use_sparsity=self.sparsity_input)
+                             use_position=self.position_input, use_sparsity=self.sparsity_input)
 
     def controller(self, config, schedule, router: TokenRouter | None) -> RoutingController:
         return RoutingController(config, self.policy(schedule), router, gumbel_tau=self.gumbel_tau, seed=self.seed)

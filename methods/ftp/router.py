@@ -31,12 +31,9 @@ class TokenRouter(nn.Module):
         return 2 * first.in_features * first.out_features + 2 * last.in_features * last.out_features
 
 
-POSITION_SCALES = ("log", "off")
-
-
-def token_positions(valid: torch.Tensor, scale: str = "log") -> torch.Tensor:
-    """Position factor of each token ([B, N] float), j counted over the valid tokens of each row (N of them):
-    "log" log(1 + j) / log(1 + N), "off" 0 (the no-position ablation).
+def token_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Position factor log(1 + j) / log(1 + N) of each token ([B, N] float), j counted over the valid tokens of each
+    row (N of them).
 
     The log scale is ours (methods.md's default is j / N): it keeps the order and [0, 1) range but gives the first
     tokens room (the first is 0, the second 0.125 at N = 256 instead of 0.004), so the 4→64→2 router can single out
@@ -44,7 +41,7 @@ def token_positions(valid: torch.Tensor, scale: str = "log") -> torch.Tensor:
     it could not in our runs, and it then skipped that token in every routed block (docs/experiments/ftp-router.md)."""
     index = (valid.long().cumsum(-1) - 1).clamp(min=0).float()
     length = valid.sum(-1, keepdim=True).clamp(min=1).float()
-    return position_factor(index, length, scale)
+    return position_factor(index, length)
 
 
 def first_valid_token(valid: torch.Tensor) -> torch.Tensor:
@@ -52,11 +49,9 @@ def first_valid_token(valid: torch.Tensor) -> torch.Tensor:
     return valid & (valid.long().cumsum(-1) == 1)
 
 
-def position_factor(index, length, scale: str):
+def position_factor(index, length) -> torch.Tensor:
     """The position factor of token `index` (0-based) among `length` (tensors or floats, broadcast)."""
-    if scale == "log":
-        return torch.log1p(torch.as_tensor(index)) / torch.log1p(torch.as_tensor(length))
-    return torch.zeros_like(torch.as_tensor(index, dtype=torch.float32))
+    return torch.log1p(torch.as_tensor(index)) / torch.log1p(torch.as_tensor(length))
 
 
 def score_ranks(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -68,22 +63,23 @@ def score_ranks(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def router_features(valid: torch.Tensor, score: torch.Tensor, block_sparsity: float,
-                    position: str = "log", use_sparsity: bool = True) -> torch.Tensor:
+                    use_position: bool = True, use_sparsity: bool = True) -> torch.Tensor:
     """The 4-vector per token [B, N, 4]; a disabled factor (ablations) is fed as 0 so the router keeps its shape."""
-    position = token_positions(valid, position).to(score.dtype)
+    position = token_positions(valid).to(score.dtype) if use_position else torch.zeros_like(score)
     sparsity = torch.full_like(score, float(block_sparsity) if use_sparsity else 0.0)
     return torch.stack([position, score, score_ranks(score, valid), sparsity], dim=-1)
 
 
 def newest_token_features(n_valid: int, score: torch.Tensor, previous_sorted: torch.Tensor, block_sparsity: float,
-                          position: str = "log", use_sparsity: bool = True) -> torch.Tensor:
+                          use_position: bool = True, use_sparsity: bool = True) -> torch.Tensor:
     """The 4-vector [1, 1, 4] of the newest token of a one-row sequence during cached decoding, without touching the
     other N - 1 tokens: its position factor (the last of N), its score, and its rank from a binary search in the earlier tokens'
     scores (`previous_sorted`, ascending). Equals `router_features(...)[:, -1]` over the whole sequence: ties rank
     the newest token after the earlier ones, as the stable sort there does."""
     higher_or_equal = previous_sorted.numel() - int(torch.searchsorted(previous_sorted, score.reshape(1)))
     sparsity = float(block_sparsity) if use_sparsity else 0.0
-    values = [float(position_factor(float(n_valid - 1), float(n_valid), position)), float(score), higher_or_equal / n_valid, sparsity]
+    position = float(position_factor(float(n_valid - 1), float(n_valid))) if use_position else 0.0
+    values = [position, float(score), higher_or_equal / n_valid, sparsity]
     return torch.tensor(values, dtype=torch.float32, device=score.device).view(1, 1, 4)
 
 
