@@ -7,11 +7,17 @@ index; methods/artifacts/README.md is that output, and a test checks it is curre
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.artifacts import COMMITTED_DIR, artifact_name
+from bench.gate import DEFAULT_CONFIG, load_gate_config
+from bench.models import MODELS
 from bench.paths import REPO_ROOT
+from bench.plan import RunConfig, plan_methods
+from bench.shapes import model_shape
+from bench.study import load_study
+from methods import available_methods
 
 INDEX_FILE = COMMITTED_DIR / "README.md"
 PLAIN_SPARSITY = 0.25  # `run`'s default target
@@ -32,10 +38,6 @@ class Entry:
 
 def _study_configs() -> list[tuple[str, object]]:
     """(label, RunConfig) for every shipped study file."""
-    from bench.gate import DEFAULT_CONFIG, load_gate_config
-    from bench.plan import RunConfig
-    from bench.study import load_study
-
     configs = []
     for path in sorted((REPO_ROOT / "configs").glob("*.toml")):
         study = load_study(path)
@@ -51,10 +53,6 @@ def _study_configs() -> list[tuple[str, object]]:
 def _variants(label: str, config, sparsities) -> list[tuple[str, object]]:
     """(label, RunConfig) of `config` narrowed to each registered method, seed 0-2 and target in `sparsities`:
     what `run [--config FILE] --methods NAME --seed N --sparsity S` plans."""
-    from dataclasses import replace
-
-    from methods import available_methods
-
     variants = []
     for name in available_methods():
         if name == "dense":
@@ -71,12 +69,6 @@ def _variants(label: str, config, sparsities) -> list[tuple[str, object]]:
 def _reached(targets: set[float]) -> dict[str, list[str]]:
     """artifact directory name -> the commands whose plan loads it: a study file as shipped, then (where that does
     not) the same file or a plain `run` narrowed to one method, seed and target."""
-    from dataclasses import replace
-
-    from bench.models import MODELS
-    from bench.plan import RunConfig, plan_methods
-    from bench.study import model_shape
-
     sparsities = sorted({PLAIN_SPARSITY, *targets})
     studies = _study_configs()
     candidates = list(studies)

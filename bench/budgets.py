@@ -20,7 +20,7 @@ SMALL_MODEL_DECODER_PARAMETERS = 20_000_000  # SmolLM2 135M has 106M, Gemma 3 27
 
 
 def decoder_parameters(config) -> int:
-    """Projection weights of the decoder layers from the model's shape (a config or `bench.study.model_shape`), so a
+    """Projection weights of the decoder layers from the model's shape (a config or `bench.shapes.model_shape`), so a
     plan can be sized without loading weights: Q, K, V, O and the gated MLP, i.e. half the per-token linear FLOPs of
     the FLOP formula (embeddings, LM head, biases and norms left out)."""
     coeff = LayerFlopCoefficients.from_config(config)

@@ -215,7 +215,7 @@ def cmd_run(args) -> int:
                        latency_grid=args.latency_grid, sweep_max_rounds=args.sweep_max_rounds,
                        calibration_seeds=args.calibration_seeds, **extra)
     if args.dry_run:
-        from bench.study import dry_run
+        from bench.dry_run import dry_run
 
         dry_run(config)
         return 0

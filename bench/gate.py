@@ -266,7 +266,7 @@ def plan(config: GateConfig) -> tuple[list[str], dict[str, str]]:
     """(methods to run, {skipped method: why}): unregistered methods and methods whose calibration artifact is
     missing and too costly to make in the gate are skipped, loudly."""
     from bench.budgets import sized_fields
-    from bench.study import model_shape
+    from bench.shapes import model_shape
     from methods import _REGISTRY, make_method
 
     runnable, skipped = [], {}

@@ -1,6 +1,6 @@
 """Planning a study: its settings (`RunConfig`, from the command line or a study file) and the groups of cells
 they make (`plan_methods`: dense first, then each method at each sparsity and calibration seed, validated before any
-work). Nothing here runs a model: bench.study parses study files and prints dry runs from a plan, bench.runner
+work). Nothing here runs a model: bench.study parses study files, bench.dry_run prints a plan and its cost, bench.runner
 executes one here, bench.executors on Ray or Slurm."""
 
 from __future__ import annotations

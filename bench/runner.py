@@ -26,8 +26,8 @@ from bench.matching import PROTOCOL
 from bench.models import adds_bos, cpu_threads, load_model, validate_model_name
 from bench.plan import RunConfig, plan_methods  # noqa: F401 (RunConfig: part of this module's interface)
 from bench.provenance import BENCH_VERSION, Provenance
+from bench.shapes import model_shape
 from bench.store import ROWS, Store
-from bench.study import model_shape
 from bench.timing import CPU_GRID, GPU_GRID
 from bench.units import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths, measure
 from bench.units.accuracy import fit_pool

@@ -20,7 +20,7 @@ def test_decoder_parameters_are_the_projection_weights(arch_model):
 
 
 def test_the_embedded_models_keep_the_cpu_presets():
-    from bench.study import model_shape
+    from bench.shapes import model_shape
 
     for name in ("smollm2-135m", "gemma3-270m"):
         assert decoder_parameters(model_shape(name)) > 5 * SMALL_MODEL_DECODER_PARAMETERS

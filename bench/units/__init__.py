@@ -6,18 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.units.context import CellContext, fits_lengths
+from bench.units.accuracy import measure_accuracy
+from bench.units.context import DETERMINISM, LATENCY_SWEEP, CellContext, fits_lengths
+from bench.units.efficiency import measure_efficiency
+from bench.units.latency import measure_latency_sweep
+from bench.units.perplexity import measure_perplexity
 from methods import Method
-
-DETERMINISM = "determinism"
-LATENCY_SWEEP = "latency_sweep"  # (bench.units.latency imports torch-heavy code lazily)
 
 
 def measure_determinism(ctx: CellContext, method: Method, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Score `settings["task"]` twice and compare every per-item log-likelihood exactly (the gate's check that the
     scoring engine is deterministic on this machine)."""
-    from bench.units.accuracy import measure_accuracy
-
     task = settings["task"]
     _, first = measure_accuracy(ctx, method, task, settings)
     _, again = measure_accuracy(ctx, method, task, settings)
@@ -30,21 +29,13 @@ def measure_determinism(ctx: CellContext, method: Method, settings: dict[str, An
 def measure(ctx: CellContext, method: Method, unit: str, settings: dict[str, Any]):
     """(rows, per-item samples or None) of one unit."""
     if unit == "wikitext2":
-        from bench.units.perplexity import measure_perplexity
-
         return measure_perplexity(ctx, method, settings), None
     if unit == "efficiency":
-        from bench.units.efficiency import measure_efficiency
-
         return measure_efficiency(ctx, method, settings), None
     if unit == DETERMINISM:
         return measure_determinism(ctx, method, settings), None
     if unit == LATENCY_SWEEP:
-        from bench.units.latency import measure_latency_sweep
-
         return measure_latency_sweep(ctx, method, settings), None
-    from bench.units.accuracy import measure_accuracy
-
     return measure_accuracy(ctx, method, unit, settings)
 
 

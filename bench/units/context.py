@@ -15,6 +15,9 @@ from bench.console import library_output_to
 from bench.matching import MatchResult, Workload, is_matched, solve_knob
 from methods import Method
 
+# unit names besides the tasks, "wikitext2" and "efficiency" (bench.units.measure dispatches on them)
+DETERMINISM = "determinism"
+LATENCY_SWEEP = "latency_sweep"
 
 def decode_windows(config) -> list[int | None]:
     """Per decoder layer, the number of keys a decoded token attends to at most (None: its whole cache): the

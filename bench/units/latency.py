@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from bench.matching import Workload
-from bench.units import LATENCY_SWEEP
-from bench.units.context import CellContext
+from bench.units.context import LATENCY_SWEEP, CellContext
 from methods import Method
 
 
