@@ -54,7 +54,7 @@ def dry_run(config, out=print) -> None:
     out(f"[dry-run] artifacts to calibrate: {len(to_calibrate)} (each once, shared by every cell that needs it)")
     if to_calibrate:
         _calibration_estimate(config.model, list(to_calibrate.values()), out)
-    _estimate(config, plan, tasks, out)
+    _estimate(config, shape, plan, tasks, out)
 
 
 def _calibration_estimate(model: str, methods, out) -> None:
@@ -79,15 +79,16 @@ def _calibration_estimate(model: str, methods, out) -> None:
                 else "") + "), the median calibration time of the committed artifacts of the same method and model")
 
 
-def _estimate(config, plan, tasks, out) -> None:
+def _estimate(config, target, plan, tasks, out) -> None:
     """Evaluation cost = dense decoder FLOPs of the workload × the seconds per FLOP measured on this kind of device
     by an earlier run's dense efficiency probe (results store); task items are sized by the dense FLOPs per item the
-    store measured on its model, scaled by the per-token FLOPs ratio of the two models."""
-    target = model_shape(config.model)
+    store measured on its model, scaled by the per-token FLOPs ratio of the two models (`target`: the shape of
+    config.model, None where it is not known offline)."""
     if target is None:
         out(f"[dry-run] cost: no estimate (the shape of {config.model!r} is not known offline: pass a local "
             "directory or add it to bench.shapes.KNOWN_SHAPES)")
         return
+
     def measured(where):
         try:
             rows = Store(where).load_rows()

@@ -134,6 +134,7 @@ FIXED_RECIPE: dict[str, Any] = {"position_scale": "log", "warm_start_logit_bce":
                                 "selection_tolerance": 0.002, "guide_like_warm_start": False}
 NOT_IN_KEY = ("guide_like_warm_start",)
 SELECTION_TOLERANCE = FIXED_RECIPE["selection_tolerance"]
+SELECTION_ITERATIONS = 12  # solver steps per model-selection check
 
 
 def recorded_fields(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +144,6 @@ def recorded_fields(recorded: dict[str, Any]) -> dict[str, Any]:
     if other:
         raise MethodConfigError(f"ftp: recorded with another recipe ({other}); that recipe runs at commit c9043ab")
     return {k: v for k, v in recorded.items() if k not in FIXED_RECIPE}
-SELECTION_ITERATIONS = 12  # solver steps per model-selection check
 
 
 @dataclass
